@@ -1,0 +1,28 @@
+"""Typed errors whose messages say what was expected, what was found and what to do.
+
+The CLI turns any `AuditError` into its message (one sentence) and a non-zero exit code.
+"""
+
+
+class AuditError(Exception):
+    """Base class: a problem with the user's input or environment, explained in one sentence."""
+
+
+class InvalidFlaggedBatch(AuditError):
+    """The flagged batch failed validation; nothing downstream ran."""
+
+
+class LineageError(AuditError):
+    """The training data of a model cannot be recovered, or it does not match its digest."""
+
+
+class UnsupportedModel(AuditError):
+    """The model or one of its layers cannot be handled by the requested method."""
+
+
+class InvalidInput(AuditError):
+    """Arguments or datasets with the wrong shape, size or content."""
+
+
+class NumericalError(AuditError):
+    """A computation produced non-finite values (curvature, scores, losses)."""

@@ -1,0 +1,97 @@
+"""Labelled example tables: ids, model inputs and labels held together, and their digests.
+
+An `ExampleTable` is the in-memory form of every dataset the product touches (training data,
+validation split, flagged batch). `dataset()` gives the map-style torch dataset that the
+influence engine and training loops consume: item i is `(inputs[i], labels[i])`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc
+import torch
+from torch.utils.data import TensorDataset
+
+from audit.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class ExampleTable:
+    """Image or tabular examples: `inputs` [N, *input_shape] float32, `labels` [N] int64."""
+
+    ids: tuple[str, ...]
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if self.inputs.shape[0] != n or self.labels.shape[0] != n:
+            raise InvalidInput(
+                f"Example table needs as many inputs and labels as ids; found {n} ids, "
+                f"{self.inputs.shape[0]} inputs and {self.labels.shape[0]} labels."
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def dataset(self) -> TensorDataset:
+        """Map-style dataset yielding `(inputs[i], labels[i])`."""
+        return TensorDataset(self.inputs, self.labels)
+
+    def subset(self, index: np.ndarray | list[int]) -> ExampleTable:
+        """Rows at `index` (positions, not ids), in that order."""
+        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        return ExampleTable(tuple(self.ids[i] for i in idx.tolist()), self.inputs[idx], self.labels[idx])
+
+    def with_labels(self, labels: torch.Tensor) -> ExampleTable:
+        """The same examples with other labels (e.g. the reviewer's)."""
+        return ExampleTable(self.ids, self.inputs, labels.to(torch.int64))
+
+
+def pixel_frame(table: ExampleTable, label_column: str = "label") -> pd.DataFrame:
+    """DataFrame with `example_id`, `pixels` (flattened list of floats) and `label_column`."""
+    flat = table.inputs.reshape(len(table), -1).to(torch.float64).numpy()
+    return pd.DataFrame(
+        {
+            "example_id": list(table.ids),
+            "pixels": [row.tolist() for row in flat],
+            label_column: table.labels.numpy().astype(np.int64),
+        }
+    )
+
+
+def table_from_pixel_frame(
+    frame: pd.DataFrame, input_shape: tuple[int, ...], label_column: str = "label"
+) -> ExampleTable:
+    """Inverse of `pixel_frame`: each `pixels` list is reshaped to `input_shape`."""
+    expected = int(np.prod(input_shape))
+    pixels = np.asarray([np.asarray(p, dtype=np.float32) for p in frame["pixels"]], dtype=object)
+    lengths = {len(p) for p in pixels}
+    if lengths != {expected}:
+        raise InvalidInput(
+            f"Every `pixels` list must hold {expected} values for input shape {input_shape}; "
+            f"found lengths {sorted(lengths)}."
+        )
+    inputs = torch.from_numpy(np.stack(list(pixels))).reshape(len(frame), *input_shape)
+    labels = torch.as_tensor(frame[label_column].to_numpy(dtype=np.int64))
+    return ExampleTable(tuple(str(i) for i in frame["example_id"]), inputs, labels)
+
+
+def content_digest(frame: pd.DataFrame) -> str:
+    """SHA-256 (first 16 hex digits) of a frame's full content, list columns included.
+
+    MLflow's own pandas digest skips list-valued columns (it would miss edited pixels), so the
+    product records this digest instead. Independent of the pandas index and metadata.
+    """
+    table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+    table = table.replace_schema_metadata(None).combine_chunks()
+    sink = io.BytesIO()
+    with pyarrow.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
