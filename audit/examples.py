@@ -71,15 +71,15 @@ def table_from_pixel_frame(
 ) -> ExampleTable:
     """Inverse of `pixel_frame`: each `pixels` list is reshaped to `input_shape`."""
     expected = int(np.prod(input_shape))
-    pixels = np.asarray([np.asarray(p, dtype=np.float32) for p in frame["pixels"]], dtype=object)
+    pixels = [np.asarray(p, dtype=np.float32).ravel() for p in frame["pixels"]]
     lengths = {len(p) for p in pixels}
     if lengths != {expected}:
         raise InvalidInput(
             f"Every `pixels` list must hold {expected} values for input shape {input_shape}; "
             f"found lengths {sorted(lengths)}."
         )
-    inputs = torch.from_numpy(np.stack(list(pixels))).reshape(len(frame), *input_shape)
-    labels = torch.as_tensor(frame[label_column].to_numpy(dtype=np.int64))
+    inputs = torch.from_numpy(np.stack(pixels)).reshape(len(frame), *input_shape)
+    labels = torch.tensor(frame[label_column].to_numpy(dtype=np.int64))
     return ExampleTable(tuple(str(i) for i in frame["example_id"]), inputs, labels)
 
 

@@ -1,0 +1,77 @@
+"""Flagged batches: production mispredictions a reviewer labelled (DESIGN.md "Data contracts").
+
+A batch is one Parquet or CSV file, or an inbox folder of them. Columns: `example_id`, the model
+input (`pixels`: flattened list of floats for image models), `predicted_label`, `true_label`
+(the reviewer's label), optional `flagged_at`, `source`, `note`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from audit.errors import InvalidFlaggedBatch
+from audit.examples import ExampleTable, content_digest, table_from_pixel_frame
+
+REQUIRED_COLUMNS = ("example_id", "pixels", "predicted_label", "true_label")
+OPTIONAL_COLUMNS = ("flagged_at", "source", "note")
+BATCH_SUFFIXES = (".parquet", ".csv")
+
+
+def batch_files(location: Path) -> list[Path]:
+    """The batch files at `location`: the file itself, or the sorted Parquet/CSV files of a folder."""
+    location = Path(location)
+    if location.is_file():
+        return [location]
+    if not location.is_dir():
+        raise InvalidFlaggedBatch(f"No flagged batch at {location}: expected a Parquet/CSV file or an inbox folder.")
+    return sorted(p for p in location.iterdir() if p.suffix in BATCH_SUFFIXES and p.is_file())
+
+
+def read_batch_file(path: Path) -> pd.DataFrame:
+    """One batch file as a DataFrame; CSV `pixels` cells hold JSON lists."""
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        frame = pd.read_csv(path)
+    except Exception as exc:  # unreadable file: the user's input, reported in one sentence
+        raise InvalidFlaggedBatch(f"Cannot read flagged batch {path.name}: {exc}".splitlines()[0]) from exc
+    if "pixels" in frame.columns:
+        frame["pixels"] = [json.loads(p) if isinstance(p, str) else p for p in frame["pixels"]]
+    return frame
+
+
+def write_batch(frame: pd.DataFrame, path: Path) -> Path:
+    """Write a flagged batch as Parquet (creating the folder); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def flagged_frame(table: ExampleTable, predicted: torch.Tensor, source: str = "") -> pd.DataFrame:
+    """Flagged-batch DataFrame for `table` (labels = reviewer's labels) and the model's predictions [N]."""
+    flat = table.inputs.reshape(len(table), -1).to(torch.float64).numpy()
+    return pd.DataFrame(
+        {
+            "example_id": list(table.ids),
+            "pixels": [row.tolist() for row in flat],
+            "predicted_label": predicted.numpy().astype("int64"),
+            "true_label": table.labels.numpy().astype("int64"),
+            "flagged_at": pd.Timestamp.now(tz="UTC"),
+            "source": source,
+        }
+    )
+
+
+def flagged_table(frame: pd.DataFrame, input_shape: tuple[int, ...]) -> tuple[ExampleTable, torch.Tensor]:
+    """A validated batch as (examples labelled with the reviewer's labels, predicted labels [N])."""
+    table = table_from_pixel_frame(frame, input_shape, label_column="true_label")
+    return table, torch.tensor(frame["predicted_label"].to_numpy(dtype="int64"))
+
+
+def batch_digest(frame: pd.DataFrame) -> str:
+    """Content digest of the batch's required columns (tag `audit.flagged_digest`)."""
+    return content_digest(frame[list(REQUIRED_COLUMNS)])

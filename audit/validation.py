@@ -1,0 +1,94 @@
+"""Great Expectations suite for flagged batches: nothing downstream runs on a batch that fails.
+
+Great Expectations is imported inside `validate_flagged_frame` (it takes ~6 s to import here),
+so `import audit` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from audit.flagged import REQUIRED_COLUMNS
+
+
+@dataclass(frozen=True)
+class BatchValidation:
+    """Outcome of the suite: `failed_checks` are readable names ("true_label in label set")."""
+
+    success: bool
+    failed_checks: tuple[str, ...]
+    result: dict = field(repr=False)  # Great Expectations' JSON result, logged as flagged_validation.json
+
+    def summary(self) -> str:
+        """One sentence naming the failed checks (or saying all passed)."""
+        if self.success:
+            return "The flagged batch passed every check."
+        return "The flagged batch failed these checks: " + "; ".join(self.failed_checks) + "."
+
+
+def _derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns the suite checks that GX cannot compute on list cells: length and finiteness."""
+    out = frame.copy()
+    if "pixels" in out.columns:
+        lists = [p if hasattr(p, "__len__") and not isinstance(p, str) else [] for p in out["pixels"]]
+        out["pixels_length"] = [len(p) for p in lists]
+        out["pixels_finite"] = [bool(len(p)) and all(math.isfinite(float(v)) for v in p) for p in lists]
+    return out
+
+
+def validate_flagged_frame(frame: pd.DataFrame, num_classes: int, input_size: int) -> BatchValidation:
+    """Run the flagged-batch suite on `frame` for a model with `num_classes` labels whose input
+    flattens to `input_size` values. Never raises on bad data: failures are in the result."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (
+        context.data_sources.add_pandas("flagged")
+        .add_dataframe_asset("batch")
+        .add_batch_definition_whole_dataframe("whole")
+    )
+    suite = context.suites.add(gx.ExpectationSuite(name="flagged_batch"))
+    E = gx.expectations
+    labels = list(range(num_classes))
+    expectations = [E.ExpectTableRowCountToBeBetween(min_value=1, description="at least one row")]
+    expectations += [E.ExpectColumnToExist(column=c, description=f"column `{c}` present") for c in REQUIRED_COLUMNS]
+    expectations += [
+        E.ExpectColumnValuesToNotBeNull(column="example_id", description="`example_id` never empty"),
+        E.ExpectColumnValuesToBeUnique(column="example_id", description="`example_id` unique"),
+        E.ExpectColumnValuesToBeInSet(
+            column="true_label", value_set=labels, description=f"`true_label` in the label set 0..{num_classes - 1}"
+        ),
+        E.ExpectColumnValuesToBeInSet(
+            column="predicted_label", value_set=labels,
+            description=f"`predicted_label` in the label set 0..{num_classes - 1}",
+        ),
+        E.ExpectColumnValuesToBeBetween(
+            column="pixels_length", min_value=input_size, max_value=input_size,
+            description=f"every `pixels` list holds {input_size} values",
+        ),
+        E.ExpectColumnValuesToBeInSet(
+            column="pixels_finite", value_set=[True], description="every pixel value is a finite number"
+        ),
+    ]
+    for expectation in expectations:
+        suite.add_expectation(expectation)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name="flagged", data=batch, suite=suite))
+    validated = _derived_columns(frame)
+    result = definition.run(batch_parameters={"dataframe": validated})
+
+    failed = []
+    for item in result.results:
+        config = item.expectation_config
+        column = config.kwargs.get("column")
+        # A check on a column that is absent fails too; its "column present" check already says so.
+        if item.success or (column and column not in validated.columns and config.type != "expect_column_to_exist"):
+            continue
+        failed.append(config.description)
+    return BatchValidation(bool(result.success), tuple(dict.fromkeys(failed)), result.to_json_dict())

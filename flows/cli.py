@@ -1,0 +1,105 @@
+"""The `model-audit` command line. Errors in the user's input print one sentence and exit 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from audit.errors import AuditError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Audit and repair classifiers registered in MLflow.")
+
+WORKDIR = typer.Option(Path("audit-workdir"), "--workdir", help="Holds mlflow.db, mlruns and the inbox.")
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs every failed flow/task with a traceback; for the user's own mistakes
+    (AuditError) the CLI's one sentence says it all, so keep the log line, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], AuditError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _run(action):
+    """Run a command body; AuditError -> one sentence on stderr and exit code 2."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
+    try:
+        return action()
+    except AuditError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+@app.command()
+def demo(
+    workdir: Path = WORKDIR,
+    noise_rate: float = typer.Option(0.1, min=0.0, max=0.9, help="Fraction of training labels flipped."),
+    seed: int = typer.Option(0, help="Seeds the split, the label noise and training."),
+    epochs: int = typer.Option(40, min=1, help="Training epochs of the digits CNN."),
+    method: str = typer.Option("graddot", help="Influence method."),
+    min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
+) -> None:
+    """Train, register, flag, audit and repair a digits CNN end to end on embedded defaults."""
+    from flows.demo import run_demo, summary
+
+    result = _run(lambda: run_demo(workdir, noise_rate, seed, epochs, method, min_fix_rate))
+    typer.echo(summary(result))
+
+
+@app.command("audit")
+def audit_command(
+    workdir: Path = WORKDIR,
+    model: str = typer.Option("digits-classifier", help="Registered model name."),
+    alias: str = typer.Option("champion", help="Alias of the version to audit."),
+    inbox: Path = typer.Option(None, help="Flagged batch file or folder (default <workdir>/inbox)."),
+    method: str = typer.Option("graddot", help="Influence method."),
+    top_k: int = typer.Option(10, min=1, help="Helpful and harmful examples kept per flagged example."),
+) -> None:
+    """Audit a registered model against a flagged batch; prints the audit run id."""
+    from flows.audit_flow import audit
+    from flows.settings import AuditSettings
+
+    settings = AuditSettings(workdir=workdir, model_name=model, alias=alias, inbox=inbox, method=method, top_k=top_k)
+    result = _run(lambda: audit(settings))
+    typer.echo(f"audit run {result.run_id}: {result.n_flagged} flagged, {result.n_candidates} correction candidates")
+
+
+@app.command("correct")
+def correct_command(
+    audit_run_id: str = typer.Argument(..., help="Run id of an audit."),
+    workdir: Path = WORKDIR,
+    min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
+) -> None:
+    """Repair the audited model; registers @challenger only if every gate passes."""
+    from flows.correct_flow import correct
+    from flows.settings import CorrectionSettings
+
+    result = _run(lambda: correct(CorrectionSettings(workdir=workdir, min_fix_rate=min_fix_rate), audit_run_id))
+    if result.registered_version:
+        typer.echo(f"correction run {result.run_id}: registered version {result.registered_version} as @challenger")
+    else:
+        typer.echo(f"correction run {result.run_id}: not registered: " + " ".join(result.failure_reasons()))
+        sys.exit(1)
+
+
+@app.command()
+def promote(
+    workdir: Path = WORKDIR,
+    model: str = typer.Option("digits-classifier", help="Registered model name."),
+    version: str = typer.Option(None, help="Version to promote (default: @challenger)."),
+) -> None:
+    """Move @champion to a gated version after re-checking its gates tag."""
+    from registry_hooks.registry import promote as promote_version
+    from registry_hooks.store import use_store
+
+    use_store(workdir)
+    promoted = _run(lambda: promote_version(model, version))
+    typer.echo(f"{model} version {promoted} is now @champion")

@@ -1,0 +1,1 @@
+"""Everything MLflow: the store, training-run logging, lineage, audit artifacts, the registry."""

@@ -1,0 +1,45 @@
+"""Registering and promoting model versions: aliases and tags, never the deprecated stages.
+
+A repaired model becomes a version only after every gate passed (the correction flow logs
+`gates.json` before calling here); `champion` moves only through `promote`, which re-checks the
+`audit.gates` tag.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from audit.errors import AuditError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+def register_version(model_uri: str, name: str, alias: str, tags: dict[str, str] | None = None) -> str:
+    """Register `model_uri` as a new version of `name`, tag it, point `alias` at it; returns the version."""
+    mv = mlflow.register_model(model_uri, name, tags=tags or {})
+    MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)
+
+
+def register_challenger(model_uri: str, name: str, source_version: str, audit_run_id: str) -> str:
+    """Register a gated repair with the DESIGN.md tags and alias `challenger`; returns the version."""
+    tags = {"audit.source_version": source_version, "audit.audit_run_id": audit_run_id, "audit.gates": "passed"}
+    return register_version(model_uri, name, CHALLENGER, tags)
+
+
+def promote(name: str, version: str | None = None) -> str:
+    """Move `champion` to `version` (default: the current `challenger`) after re-checking that its
+    gates passed; returns the promoted version. Raises `AuditError` otherwise."""
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, CHALLENGER)
+    except mlflow.exceptions.MlflowException as exc:
+        raise AuditError(f"No version {version or '@' + CHALLENGER} of model {name} to promote.") from exc
+    if mv.tags.get("audit.gates") != "passed":
+        raise AuditError(
+            f"Version {mv.version} of {name} has no `audit.gates=passed` tag; only gated repairs can become champion."
+        )
+    client.set_registered_model_alias(name, CHAMPION, mv.version)
+    return str(mv.version)

@@ -1,0 +1,72 @@
+"""The `audit` flow through Prefect's ephemeral server and a real MLflow store."""
+
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from audit.digits import INPUT_SHAPE, NUM_CLASSES
+from audit.errors import InvalidFlaggedBatch
+from audit.flagged import flagged_frame, write_batch
+from audit.models import SmallResNet
+from audit.training import TrainConfig, predict_logits, train
+from flows.audit_flow import audit
+from flows.settings import AuditSettings
+from registry_hooks.audit_log import load_table
+from registry_hooks.lineage import log_training_data
+from registry_hooks.model_io import ModelSpec, log_classifier
+from registry_hooks.registry import register_version
+
+
+@pytest.fixture
+def registered(mlflow_store, digits_splits):
+    """A briefly trained digits CNN registered as m@champion with its data lineage."""
+    train_part = digits_splits.train.subset(list(range(300)))
+    model = SmallResNet()
+    train(model, train_part.dataset(), TrainConfig(epochs=8))
+    with mlflow.start_run():
+        log_training_data(train_part, digits_splits.validation)
+        uri = log_classifier(model, ModelSpec(INPUT_SHAPE, NUM_CLASSES))
+    register_version(uri, "m", "champion")
+    production = digits_splits.production
+    predicted = predict_logits(model, production.inputs).argmax(1)
+    wrong = (predicted != production.labels).nonzero().flatten()[:6].tolist()
+    frame = flagged_frame(production.subset(wrong), predicted[wrong])
+    return mlflow_store, frame
+
+
+def test_audit_logs_the_design_layout_and_archives_the_batch(prefect_harness, registered):
+    workdir, frame = registered
+    write_batch(frame, workdir / "inbox" / "batch.parquet")
+    result = audit(AuditSettings(workdir=workdir, model_name="m", top_k=5))
+
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["audit.kind"] == "audit"
+    assert run.data.tags["audit.model_name"] == "m" and run.data.tags["audit.model_version"] == "1"
+    assert run.data.tags["audit.flagged_digest"] == result.flagged_digest
+    names = {a.path for a in MlflowClient().list_artifacts(result.run_id, "audit")}
+    assert {"audit/report.html", "audit/influence.parquet", "audit/self_influence.parquet",
+            "audit/correction_candidates.parquet", "audit/flagged_validation.json",
+            "audit/influence_grid.png"} <= names
+    table = load_table(result.run_id, "influence")
+    assert len(table) == len(frame) * 2 * 5
+    helpful = table[table.role == "helpful"]
+    harmful = table[table.role == "harmful"]
+    assert (helpful.score > 0).mean() > 0.9 and (harmful.score < 0).mean() > 0.9
+    assert not any((workdir / "inbox").iterdir())
+    assert (workdir / "processed" / result.run_id / "batch.parquet").exists()
+
+
+def test_a_bad_batch_is_quarantined_and_nothing_is_logged(prefect_harness, registered):
+    workdir, frame = registered
+    frame.loc[0, "true_label"] = 42
+    write_batch(frame, workdir / "inbox" / "bad.parquet")
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(InvalidFlaggedBatch, match="`true_label` in the label set 0..9"):
+        audit(AuditSettings(workdir=workdir, model_name="m"))
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+    (quarantined,) = (workdir / "quarantine").iterdir()
+    assert (quarantined / "bad.parquet").exists()
+    assert json.loads((quarantined / "flagged_validation.json").read_text())["success"] is False
+    assert len(MlflowClient().search_model_versions("name='m'")) == 1

@@ -1,0 +1,50 @@
+"""Registering, aliasing and promoting versions on a real MLflow registry (sqlite)."""
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from audit.errors import AuditError
+from audit.models import SmallResNet
+from registry_hooks.model_io import ModelSpec, load_version, log_classifier, resolve_version
+from registry_hooks.registry import promote, register_challenger, register_version
+
+
+def _logged_model(seed=0):
+    torch.manual_seed(seed)
+    model = SmallResNet()
+    with mlflow.start_run() as run:
+        uri = log_classifier(model, ModelSpec((1, 8, 8), 10))
+    return model, uri, run.info.run_id
+
+
+def test_logged_model_round_trips_with_its_spec(mlflow_store):
+    model, uri, run_id = _logged_model()
+    version = register_version(uri, "m", "champion")
+    ref = resolve_version("m", alias="champion")
+    assert (ref.version, ref.run_id, ref.spec) == (version, run_id, ModelSpec((1, 8, 8), 10))
+    loaded = load_version(ref).model
+    x = torch.rand(3, 1, 8, 8) * 16
+    # The pickled module keeps a dynamic batch size and stays trainable (pt2 would not).
+    assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+def test_challenger_carries_the_design_tags_and_promotion_rechecks_them(mlflow_store):
+    _, uri, _ = _logged_model(0)
+    champion = register_version(uri, "m", "champion")
+    with pytest.raises(AuditError, match="no `audit.gates=passed` tag"):
+        promote("m", champion)
+    _, uri2, _ = _logged_model(1)
+    challenger = register_challenger(uri2, "m", source_version=champion, audit_run_id="abc")
+    mv = MlflowClient().get_model_version("m", challenger)
+    assert mv.tags == {"audit.source_version": champion, "audit.audit_run_id": "abc", "audit.gates": "passed"}
+    assert str(MlflowClient().get_model_version_by_alias("m", "challenger").version) == challenger
+    assert promote("m") == challenger
+    assert str(MlflowClient().get_model_version_by_alias("m", "champion").version) == challenger
+
+
+def test_unknown_alias_is_one_clear_error(mlflow_store):
+    with pytest.raises(Exception, match="No registered model nope @champion"):
+        resolve_version("nope", alias="champion")

@@ -1,0 +1,19 @@
+"""The library stays light: importing audit/ pulls in no Prefect, MLflow or Great Expectations."""
+
+import subprocess
+import sys
+
+LIBRARY_MODULES = ["audit", "audit.examples", "audit.digits", "audit.models", "audit.training",
+                   "audit.influence", "audit.correction", "audit.gates", "audit.flagged",
+                   "audit.validation", "audit.findings", "audit.report"]
+
+
+def test_library_imports_no_orchestration_or_tracking_client():
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in LIBRARY_MODULES)
+        + "heavy = sorted(m for m in ('prefect', 'mlflow', 'great_expectations', 'onnxruntime') if m in sys.modules)\n"
+        + "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
