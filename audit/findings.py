@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from audit.examples import ExampleTable
+from audit.influence import top_influences
 
 
 def influence_table(
@@ -16,29 +17,17 @@ def influence_table(
     """Top-`k` helpful and top-`k` harmful training examples per flagged query.
 
     `scores` [Q, N] from `influence_scores` against the reviewer's labels; `predicted` [Q] the
-    model's wrong predictions. Rows: query_id, query_label, predicted_label, train_id,
-    train_label, role (helpful|harmful), rank (1 = strongest), score.
+    model's wrong predictions. Rows: query_id, train_id, rank (1 = strongest), score, role
+    (helpful|harmful), query_label (reviewer's), predicted_label, train_label.
     """
-    k = min(k, scores.shape[1])
-    helpful = torch.topk(scores, k, dim=1)  # largest positive first, [Q, k]
-    harmful = torch.topk(-scores, k, dim=1)  # most negative first, [Q, k]
-    rows = []
-    for q, query_id in enumerate(flagged.ids):
-        for role, top, sign in (("helpful", helpful, 1.0), ("harmful", harmful, -1.0)):
-            for rank, (i, s) in enumerate(zip(top.indices[q].tolist(), top.values[q].tolist()), start=1):
-                rows.append(
-                    {
-                        "query_id": query_id,
-                        "query_label": int(flagged.labels[q]),
-                        "predicted_label": int(predicted[q]),
-                        "train_id": train.ids[i],
-                        "train_label": int(train.labels[i]),
-                        "role": role,
-                        "rank": rank,
-                        "score": sign * s,
-                    }
-                )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(top_influences(scores, k).records(list(flagged.ids), list(train.ids)))
+    query_pos = {q: n for n, q in enumerate(flagged.ids)}
+    train_pos = {t: n for n, t in enumerate(train.ids)}
+    q = table["query_id"].map(query_pos).to_numpy()
+    table["query_label"] = flagged.labels.numpy()[q]
+    table["predicted_label"] = predicted.numpy()[q]
+    table["train_label"] = train.labels.numpy()[table["train_id"].map(train_pos).to_numpy()]
+    return table
 
 
 def self_influence_table(self_scores: torch.Tensor, train: ExampleTable) -> pd.DataFrame:

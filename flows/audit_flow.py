@@ -26,6 +26,7 @@ from audit.examples import ExampleTable
 from audit.findings import influence_table, self_influence_table
 from audit.flagged import batch_digest, batch_files, flagged_table, read_batch_file
 from audit.influence import influence_scores, self_influence
+from audit.training import predict_logits
 from audit.report import image_grid, png_data, render_report, section
 from audit.validation import BatchValidation, validate_flagged_frame
 from flows.settings import AuditSettings
@@ -87,10 +88,12 @@ def recover_training(run_id: str, spec: ModelSpec) -> TrainingData:
 
 
 @task(cache_policy=NO_CACHE)
-def score_queries(model: torch.nn.Module, train: ExampleTable, flagged: ExampleTable, method: str):
-    """Influence [Q, N] of every training example on every flagged example, and self-influence [N]."""
-    scores = influence_scores(model, train.dataset(), flagged.dataset(), method=method, progress=False)
-    self_scores = self_influence(model, train.dataset(), method=method, progress=False)
+def score_queries(model: torch.nn.Module, train: ExampleTable, flagged: ExampleTable, method: str, cache_dir: Path):
+    """Influence [Q, N] of every training example on every flagged example, and self-influence [N].
+    The fitted curvature is cached in `cache_dir` (keyed by model, data and method), so the
+    second call and later audits of the same version reuse it."""
+    scores = influence_scores(model, train.dataset(), flagged.dataset(), method=method, cache_dir=cache_dir, progress=False)
+    self_scores = self_influence(model, train.dataset(), method=method, cache_dir=cache_dir, progress=False)
     return scores, self_scores
 
 
@@ -118,7 +121,9 @@ def log_audit(settings: AuditSettings, loaded: LoadedModel, training: TrainingDa
     train = training.train
     influence = influence_table(scores, flagged, predicted, train, settings.top_k)
     self_table = self_influence_table(self_scores, train)
-    candidates = propose_corrections(scores, train, flagged, predicted, self_scores, k=settings.top_k)
+    train_probs = predict_logits(loaded.model, train.inputs).softmax(dim=1)  # [N, C]
+    candidates = propose_corrections(scores, train, flagged, predicted, self_scores, k=settings.top_k,
+                                     train_probs=train_probs)
     digest = batch_digest(frame)
     tags = audit_log.audit_tags(loaded.name, loaded.version, "audit", digest)
     with mlflow.start_run(run_name=f"audit {loaded.name} v{loaded.version}", tags=tags) as run:
@@ -171,7 +176,8 @@ def audit(settings: AuditSettings) -> AuditResult:
     flagged, predicted = flagged_table(frame, ref.spec.input_shape)
     loaded = load_model(ref)
     training = recover_training(ref.run_id, ref.spec)
-    scores, self_scores = score_queries(loaded.model, training.train, flagged, settings.method)
+    scores, self_scores = score_queries(loaded.model, training.train, flagged, settings.method,
+                                        settings.workdir / "cache" / "influence")
     result = log_audit(settings, loaded, training, frame, validation, flagged, predicted, scores, self_scores)
     _archive(files, settings.workdir, result.run_id)
     logger.info("audit run %s: %d flagged, %d candidates", result.run_id, result.n_flagged, result.n_candidates)

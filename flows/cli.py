@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
 
 from audit.errors import AuditError
 
@@ -36,6 +37,10 @@ def _run(action):
     except AuditError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"error: invalid settings ({problems}).", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @app.command()
@@ -44,7 +49,7 @@ def demo(
     noise_rate: float = typer.Option(0.1, min=0.0, max=0.9, help="Fraction of training labels flipped."),
     seed: int = typer.Option(0, help="Seeds the split, the label noise and training."),
     epochs: int = typer.Option(40, min=1, help="Training epochs of the digits CNN."),
-    method: str = typer.Option("graddot", help="Influence method."),
+    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot, gradcos)."),
     min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
 ) -> None:
     """Train, register, flag, audit and repair a digits CNN end to end on embedded defaults."""
@@ -60,15 +65,15 @@ def audit_command(
     model: str = typer.Option("digits-classifier", help="Registered model name."),
     alias: str = typer.Option("champion", help="Alias of the version to audit."),
     inbox: Path = typer.Option(None, help="Flagged batch file or folder (default <workdir>/inbox)."),
-    method: str = typer.Option("graddot", help="Influence method."),
+    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot, gradcos)."),
     top_k: int = typer.Option(10, min=1, help="Helpful and harmful examples kept per flagged example."),
 ) -> None:
     """Audit a registered model against a flagged batch; prints the audit run id."""
     from flows.audit_flow import audit
     from flows.settings import AuditSettings
 
-    settings = AuditSettings(workdir=workdir, model_name=model, alias=alias, inbox=inbox, method=method, top_k=top_k)
-    result = _run(lambda: audit(settings))
+    result = _run(lambda: audit(AuditSettings(workdir=workdir, model_name=model, alias=alias, inbox=inbox,
+                                              method=method, top_k=top_k)))
     typer.echo(f"audit run {result.run_id}: {result.n_flagged} flagged, {result.n_candidates} correction candidates")
 
 

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
+import torch
 
 from audit.digits import INPUT_SHAPE, NUM_CLASSES, DigitsSplits, load_digits_splits
 from audit.flagged import flagged_frame, write_batch
@@ -43,6 +44,7 @@ class DemoResult:
 def train_and_register(splits: DigitsSplits, config: TrainConfig, noise_rate: float) -> tuple[str, str]:
     """Train SmallResNet on the noisy training split, log run + data lineage, register it as
     `champion`. Returns (run id, version)."""
+    torch.manual_seed(config.seed)  # the initial weights too, so the demo is reproducible
     model = SmallResNet(num_classes=NUM_CLASSES)
     with mlflow.start_run(run_name=f"train {MODEL_NAME}") as run:
         losses = train(model, splits.train.dataset(), config)
@@ -75,15 +77,18 @@ def simulate_production(model_version: str, splits: DigitsSplits, inbox: Path) -
 
 
 def run_demo(workdir: Path, noise_rate: float = 0.1, seed: int = 0, epochs: int = 40,
-             method: str = "graddot", min_fix_rate: float = 0.5) -> DemoResult:
+             method: str = "ekfac", min_fix_rate: float = 0.5) -> DemoResult:
     """The whole demo; see the module docstring. Each call registers a new champion first."""
     workdir = Path(workdir).resolve()
+    # Settings are validated before anything is trained or registered.
+    audit_settings = AuditSettings(workdir=workdir, model_name=MODEL_NAME, alias=CHAMPION, method=method)
+    correction_settings = CorrectionSettings(workdir=workdir, min_fix_rate=min_fix_rate)
     use_store(workdir)
     splits = load_digits_splits(noise_rate=noise_rate, seed=seed)
     run_id, version = train_and_register(splits, TrainConfig(epochs=epochs, seed=seed), noise_rate)
     n_production, n_flagged = simulate_production(version, splits, workdir / "inbox")
-    audit_result = audit(AuditSettings(workdir=workdir, model_name=MODEL_NAME, alias=CHAMPION, method=method))
-    correction = correct(CorrectionSettings(workdir=workdir, min_fix_rate=min_fix_rate), audit_result.run_id)
+    audit_result = audit(audit_settings)
+    correction = correct(correction_settings, audit_result.run_id)
     return DemoResult(workdir, run_id, version, len(splits.train), int(splits.flipped.sum()), n_production,
                       n_flagged, audit_result, correction)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from audit.influence import METHODS
 
 
 class AuditSettings(BaseModel):
@@ -17,8 +19,15 @@ class AuditSettings(BaseModel):
     alias: str = Field("champion", min_length=1, description="registry alias of the version to audit")
     inbox: Path | None = Field(None, description="flagged batch file or folder; default <workdir>/inbox")
     tracking_uri: str | None = Field(None, description="MLflow server URL; default sqlite in workdir")
-    method: str = Field("graddot", description="influence method of audit.influence")
+    method: str = Field("ekfac", description="influence method of audit.influence")
     top_k: int = Field(10, ge=1, le=1000, description="helpful and harmful examples kept per query")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}")
+        return method
 
     @property
     def inbox_path(self) -> Path:

@@ -39,7 +39,7 @@ def registered(mlflow_store, digits_splits):
 def test_audit_logs_the_design_layout_and_archives_the_batch(prefect_harness, registered):
     workdir, frame = registered
     write_batch(frame, workdir / "inbox" / "batch.parquet")
-    result = audit(AuditSettings(workdir=workdir, model_name="m", top_k=5))
+    result = audit(AuditSettings(workdir=workdir, model_name="m", top_k=5, method="graddot"))
 
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["audit.kind"] == "audit"
