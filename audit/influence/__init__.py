@@ -1,53 +1,136 @@
-"""Influence engine (first version: gradient similarity; the full engine replaces it).
+"""Influence engine: which training examples are behind a model's behaviour on given queries.
 
-Sign convention (DESIGN.md): `S[q, i] > 0` means up-weighting training example i is predicted to
-lower the loss of query q at q's label.
+    from audit.influence import influence_scores, self_influence, top_influences
+    S = influence_scores(model, train, queries, method="ekfac")   # [len(queries), len(train)]
+    s = self_influence(model, train, method="ekfac")              # [len(train)]
+    top = top_influences(S, k=10)                                 # proponents / opponents per query
+
+`train` / `queries` are map-style datasets of `(inputs, label)`; inputs a tensor (logits =
+`model(x)`) or a dict of tensors (logits = `model(**x).logits`, or the tensor it returns; 1-D
+sequences of different lengths are right-padded with 0, so pass an `attention_mask`).
+The model runs in eval mode with detached copies of its parameters: its parameters, `.grad` and
+train/eval modes are left as they were.
+
+Definition, sign and scaling. With L_j the cross-entropy of example j, the curvature C is that of
+the *mean* training loss (1/N) sum_j L_j at the current parameters:
+    S[q, i] = g_q^T (C + damping I)^-1 g_i,    g = gradient of the loss at the example's label.
+S[q, i] > 0: up-weighting training example i is predicted to LOWER the loss of query q (helpful);
+< 0: harmful (DESIGN.md). The scale is per unit of example weight in the mean-loss objective
+(S = -dL_q/d eps for objective (1/N) sum_j L_j + eps L_i), so removing example i changes L_q by
+about S[q, i] / N. self_influence: s[i] = g_i^T (C + damping I)^-1 g_i >= 0 (for PSD curvature).
+If the model was trained with L2 regularisation (weight decay) strength w on (w/2)|theta|^2,
+damping=w makes C + damping I the exact curvature of that training objective.
+
+damping=None picks 0.1 x the mean eigenvalue of the fitted curvature (trace(C) / P, the
+kronfluence heuristic; `damping_scale` changes the 0.1). The trace is exact for exact, EK-FAC and
+Gauss-Newton Arnoldi, estimated (Hutchinson) for Hessian Arnoldi. For graddot the scores are
+g_q . g_i / damping (None -> 1); gradcos and tracin ignore damping.
+
+Methods (`method=`):
+- "ekfac" (default) / "kfac": Kronecker-factored Gauss-Newton per Linear/Conv2d layer, EK-FAC with
+  eigenvalue correction; exact diagonal for other parameters (norms, embeddings).
+- "arnoldi": top-`rank` eigenpairs of the Gauss-Newton (or Hessian) from Arnoldi iteration on
+  `samples` training examples; directions outside that eigenspace are ignored (Schioppa et al.).
+- "exact": explicit P x P curvature (P <= max_exact_params); the reference in tests.
+- "tracin": sum_k lr_k g_q(theta_k) . g_i(theta_k) over `checkpoints`.
+- "graddot" / "gradcos": gradient dot product / cosine baselines.
+Curvature: "gn" (default, Gauss-Newton = Fisher, PSD) or "hessian" (exact, arnoldi). The true
+Hessian is indefinite on trained networks and predicts retraining far worse (see DESIGN.md).
+Extra options: see `InfluenceConfig` (rank, iterations, samples, fisher_samples, seed, ...),
+`param_filter` (parameter subset: callable or name prefixes), `checkpoints` (tracin).
+`cache_dir` stores fitted curvatures keyed by model, data and options.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import fields
+
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-__all__ = ["influence_scores", "self_influence"]
+from audit.errors import InvalidInput
+from audit.influence.config import METHODS, InfluenceConfig
+from audit.influence.engine import InfluenceResult, compute
+from audit.influence.params import ParamFilter
+from audit.influence.topk import TopInfluences, top_influences
+from audit.influence.tracin import Checkpoints
+
+__all__ = [
+    "METHODS",
+    "InfluenceConfig",
+    "InfluenceResult",
+    "TopInfluences",
+    "influence_scores",
+    "self_influence",
+    "top_influences",
+    "compute_influence",
+]
 
 
-def _per_example_grads(model: nn.Module, data: Dataset, batch_size: int) -> torch.Tensor:
-    """Flattened cross-entropy gradients [N, P] over all trainable parameters, eval mode."""
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+def _config(method: str, damping: float | None, batch_size: int, options: dict[str, object]) -> InfluenceConfig:
+    known = {f.name for f in fields(InfluenceConfig)} - {"method", "damping", "batch_size"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidInput(f"Unknown influence option(s) {unknown}; valid options are {sorted(known)}.")
+    return InfluenceConfig(method=method, damping=damping, batch_size=batch_size, **options)  # type: ignore[arg-type]
 
-    def loss(p, x, y):
-        logits = functional_call(model, p, (x.unsqueeze(0),))
-        return nn.functional.cross_entropy(logits, y.unsqueeze(0))
 
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
-        g = per_example(params, x, y)
-        chunks.append(torch.cat([g[k].reshape(len(y), -1) for k in params], dim=1))
-    model.train(was_training)
-    return torch.cat(chunks)
+def compute_influence(
+    model: nn.Module,
+    train: Dataset,
+    queries: Dataset | None,
+    config: InfluenceConfig = InfluenceConfig(),
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    param_filter: ParamFilter = None,
+    checkpoints: Checkpoints | None = None,
+) -> InfluenceResult:
+    """Like `influence_scores` (queries=None: `self_influence`) with the options as one
+    `InfluenceConfig`; the result also carries the damping actually used."""
+    return compute(model, train, queries, config, device, cache_dir, progress, param_filter, checkpoints)
 
 
 def influence_scores(
-    model: nn.Module, train: Dataset, queries: Dataset, method: str = "graddot", damping: float | None = None,
-    batch_size: int = 64, **_: object,
+    model: nn.Module,
+    train: Dataset,
+    queries: Dataset,
+    method: str = "ekfac",
+    damping: float | None = None,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    *,
+    param_filter: ParamFilter = None,
+    checkpoints: Checkpoints | None = None,
+    **options: object,
 ) -> torch.Tensor:
-    """Scores [len(queries), len(train)]: g_q . g_i / damping (damping=None -> 1)."""
-    if method != "graddot":
-        raise NotImplementedError(f"method {method!r} lands with the influence engine")
-    g_train = _per_example_grads(model, train, batch_size)
-    g_query = _per_example_grads(model, queries, batch_size)
-    return g_query @ g_train.T / (damping or 1.0)
+    """Influence of every training example on every query: [len(queries), len(train)], in the
+    model's parameter dtype, on CPU. S[q, i] > 0: up-weighting train example i lowers query q's
+    loss at q's label (per unit weight in the mean training loss; / N for leave-one-out).
+    `options` are `InfluenceConfig` fields (curvature, rank, iterations, samples, seed, ...)."""
+    config = _config(method, damping, batch_size, options)
+    return compute(model, train, queries, config, device, cache_dir, progress, param_filter, checkpoints).scores
 
 
-def self_influence(model: nn.Module, train: Dataset, method: str = "graddot", damping: float | None = None,
-                   batch_size: int = 64, **_: object) -> torch.Tensor:
-    """Self-influence [len(train)]: |g_i|^2 / damping."""
-    if method != "graddot":
-        raise NotImplementedError(f"method {method!r} lands with the influence engine")
-    return _per_example_grads(model, train, batch_size).pow(2).sum(1) / (damping or 1.0)
+def self_influence(
+    model: nn.Module,
+    train: Dataset,
+    method: str = "ekfac",
+    damping: float | None = None,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    *,
+    param_filter: ParamFilter = None,
+    checkpoints: Checkpoints | None = None,
+    **options: object,
+) -> torch.Tensor:
+    """Self-influence g_i^T (C + damping I)^-1 g_i of every training example: [len(train)]; high
+    values flag unusual, often mislabelled examples. Same options as `influence_scores`."""
+    config = _config(method, damping, batch_size, options)
+    return compute(model, train, None, config, device, cache_dir, progress, param_filter, checkpoints).scores

@@ -1,0 +1,114 @@
+"""What every pass over data shares: the model in eval mode, the selected parameters, the device,
+the per-example gradient function, the number of classes, and seeded randomness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset
+
+from audit.errors import InvalidInput
+from audit.influence.batches import Inputs, batches, call_logits, collate, slice_inputs, to_device
+from audit.influence.config import InfluenceConfig
+from audit.influence.gradients import GradientFunction, gn_cotangents
+from audit.influence.params import ParamFilter, ParamSpace, model_state, select_params
+
+FACTOR_ELEMENTS = 2**25  # values per chunk of Gauss-Newton factors (128 MiB in float32)
+
+
+@contextlib.contextmanager
+def evaluation(model: nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off) for the duration, then every submodule's own mode restored.
+
+    Also selects PyTorch's "math" attention kernel: the fused CPU/GPU kernels support neither
+    forward-mode AD nor double backward, which curvature-vector products need."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+            # torch's forward-AD decompositions still use torch.jit.script on first use
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@dataclass
+class Context:
+    """One model at one set of parameters, ready for passes over data."""
+
+    model: nn.Module
+    config: InfluenceConfig
+    space: ParamSpace
+    device: torch.device
+    grads: GradientFunction
+    num_classes: int
+    progress: bool
+
+    def batches(self, data: Dataset, desc: str, batch_size: int | None = None) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        """Batches on the device, labels checked against the model's number of classes."""
+        for inputs, labels in batches(data, batch_size or self.config.batch_size, self.device, desc, self.progress):
+            if labels.min().item() < 0 or labels.max().item() >= self.num_classes:
+                raise InvalidInput(
+                    f"Labels must lie in [0, {self.num_classes}) for a model with {self.num_classes} logits; "
+                    f"found labels from {labels.min().item()} to {labels.max().item()}."
+                )
+            yield inputs, labels
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.grads.selected.values())).dtype
+
+    def gn_factors(self, inputs: Inputs, labels: torch.Tensor, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Gauss-Newton factors [b, K, P] of one batch (see gradients.py), in sub-batches of at most
+        FACTOR_ELEMENTS values: K x P per example can be large (K = classes)."""
+        noise = self.fisher_noise(len(labels), generator)  # drawn per batch: chunking changes nothing
+        k = self.num_classes if noise is None else noise.shape[1]
+        rows = max(1, FACTOR_ELEMENTS // (k * self.space.dim))
+        for start in range(0, len(labels), rows):
+            sl = slice(start, start + rows)
+            yield self.grads.output_grads(
+                slice_inputs(inputs, sl), labels[sl], gn_cotangents, None if noise is None else noise[sl]
+            )
+
+    def fisher_noise(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Uniform noise [n, S, C] for sampled Gauss-Newton labels, or None for the exact expectation."""
+        samples = self.config.fisher_samples
+        if samples is None:
+            if self.num_classes <= self.config.max_exact_classes:
+                return None
+            samples = 1
+        u = torch.rand(n, samples, self.num_classes, generator=generator, dtype=torch.float64)
+        return u.to(device=self.device, dtype=self.dtype)
+
+
+def make_context(
+    model: nn.Module,
+    train: Dataset,
+    config: InfluenceConfig,
+    device: torch.device | str | None,
+    progress: bool,
+    param_filter: ParamFilter = None,
+    params: dict[str, torch.Tensor] | None = None,
+) -> Context:
+    """Context for `model` (run at `params` when given, e.g. a TracIn checkpoint) on `device`
+    (default: where the model's parameters are). Call inside `evaluation(model)`."""
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    space = select_params(model, param_filter)
+    selected, frozen = model_state(model, space, device, params)
+    grads = GradientFunction(model, space, selected, frozen, mode=config.grad_mode)
+    x, _ = collate([train[0]])
+    with torch.no_grad():
+        num_classes = call_logits(model, {**frozen, **selected}, to_device(x, device)).shape[1]
+    return Context(model, config, space, device, grads, num_classes, progress)

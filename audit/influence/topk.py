@@ -1,0 +1,76 @@
+"""Top-k proponents (most helpful) and opponents (most harmful) per query, for the audit tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from audit.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class TopInfluences:
+    """Per query q (row) and rank r (column, 0-based; `ranks` holds r + 1):
+
+    proponents[q, r]: index of the training example with the (r+1)-th largest score (helpful:
+        up-weighting it lowers q's loss), `proponent_scores[q, r]` its score;
+    opponents[q, r]: index with the (r+1)-th smallest score (harmful), `opponent_scores[q, r]`.
+    All tensors are [Q, k]. When fewer than k scores of a sign exist, the lists run into scores of
+    the other sign; filter on the score's sign if only strictly helpful/harmful examples matter.
+    """
+
+    proponents: torch.Tensor  # [Q, k] int64
+    proponent_scores: torch.Tensor  # [Q, k]
+    opponents: torch.Tensor  # [Q, k] int64
+    opponent_scores: torch.Tensor  # [Q, k]
+    ranks: torch.Tensor  # [Q, k] int64, 1..k
+
+    def records(
+        self, query_ids: list[str] | None = None, train_ids: list[str] | None = None
+    ) -> list[dict[str, object]]:
+        """Rows `{query_id, train_id, rank, score, role}` (role "helpful" or "harmful"), proponents
+        first, ready for a DataFrame. Ids default to positions."""
+        rows = []
+        for role, idx, scores in (
+            ("helpful", self.proponents, self.proponent_scores),
+            ("harmful", self.opponents, self.opponent_scores),
+        ):
+            for q in range(idx.shape[0]):
+                for r in range(idx.shape[1]):
+                    i = int(idx[q, r])
+                    rows.append(
+                        {
+                            "query_id": query_ids[q] if query_ids is not None else q,
+                            "train_id": train_ids[i] if train_ids is not None else i,
+                            "rank": r + 1,
+                            "score": float(scores[q, r]),
+                            "role": role,
+                        }
+                    )
+        return rows
+
+
+def top_influences(scores: torch.Tensor, k: int) -> TopInfluences:
+    """The k most positive (proponents) and k most negative (opponents) training examples of each
+    query in `scores` [Q, N] (k is capped at N). Ties keep the lower index first."""
+    if scores.dim() != 2 or scores.shape[1] == 0:
+        raise InvalidInput(
+            f"scores must be a [queries, train] matrix with at least one column; got shape {tuple(scores.shape)}."
+        )
+    if k < 1:
+        raise InvalidInput(f"k must be >= 1; got {k}.")
+    if not torch.isfinite(scores).all():
+        raise InvalidInput("scores contain NaN or inf; recompute them (or raise damping) before ranking.")
+    k = min(k, scores.shape[1])
+    # stable sorts make the order deterministic under ties
+    order_desc = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # [Q, k]
+    order_asc = torch.sort(scores, dim=1, stable=True).indices[:, :k]  # [Q, k]
+    ranks = torch.arange(1, k + 1, device=scores.device).expand(scores.shape[0], k).clone()
+    return TopInfluences(
+        order_desc,
+        torch.gather(scores, 1, order_desc),
+        order_asc,
+        torch.gather(scores, 1, order_asc),
+        ranks,
+    )
