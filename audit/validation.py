@@ -1,17 +1,13 @@
-"""Great Expectations suite for flagged batches: nothing downstream runs on a batch that fails.
-
-Great Expectations is imported inside `validate_flagged_frame` (it takes ~6 s to import here),
-so `import audit` stays light.
-"""
+"""Great Expectations suite for flagged batches: nothing downstream runs on a batch that fails."""
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import pandas as pd
 
+from audit.expectations import run_suite
 from audit.flagged import REQUIRED_COLUMNS
 
 
@@ -43,45 +39,32 @@ def _derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
 def validate_flagged_frame(frame: pd.DataFrame, num_classes: int, input_size: int) -> BatchValidation:
     """Run the flagged-batch suite on `frame` for a model with `num_classes` labels whose input
     flattens to `input_size` values. Never raises on bad data: failures are in the result."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (
-        context.data_sources.add_pandas("flagged")
-        .add_dataframe_asset("batch")
-        .add_batch_definition_whole_dataframe("whole")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name="flagged_batch"))
-    E = gx.expectations
     labels = list(range(num_classes))
-    expectations = [E.ExpectTableRowCountToBeBetween(min_value=1, description="at least one row")]
-    expectations += [E.ExpectColumnToExist(column=c, description=f"column `{c}` present") for c in REQUIRED_COLUMNS]
-    expectations += [
-        E.ExpectColumnValuesToNotBeNull(column="example_id", description="`example_id` never empty"),
-        E.ExpectColumnValuesToBeUnique(column="example_id", description="`example_id` unique"),
-        E.ExpectColumnValuesToBeInSet(
-            column="true_label", value_set=labels, description=f"`true_label` in the label set 0..{num_classes - 1}"
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="predicted_label", value_set=labels,
-            description=f"`predicted_label` in the label set 0..{num_classes - 1}",
-        ),
-        E.ExpectColumnValuesToBeBetween(
-            column="pixels_length", min_value=input_size, max_value=input_size,
-            description=f"every `pixels` list holds {input_size} values",
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="pixels_finite", value_set=[True], description="every pixel value is a finite number"
-        ),
-    ]
-    for expectation in expectations:
-        suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name="flagged", data=batch, suite=suite))
+
+    def expectations(E) -> list:
+        checks = [E.ExpectTableRowCountToBeBetween(min_value=1, description="at least one row")]
+        checks += [E.ExpectColumnToExist(column=c, description=f"column `{c}` present") for c in REQUIRED_COLUMNS]
+        return checks + [
+            E.ExpectColumnValuesToNotBeNull(column="example_id", description="`example_id` never empty"),
+            E.ExpectColumnValuesToBeUnique(column="example_id", description="`example_id` unique"),
+            E.ExpectColumnValuesToBeInSet(
+                column="true_label", value_set=labels, description=f"`true_label` in the label set 0..{num_classes - 1}"
+            ),
+            E.ExpectColumnValuesToBeInSet(
+                column="predicted_label", value_set=labels,
+                description=f"`predicted_label` in the label set 0..{num_classes - 1}",
+            ),
+            E.ExpectColumnValuesToBeBetween(
+                column="pixels_length", min_value=input_size, max_value=input_size,
+                description=f"every `pixels` list holds {input_size} values",
+            ),
+            E.ExpectColumnValuesToBeInSet(
+                column="pixels_finite", value_set=[True], description="every pixel value is a finite number"
+            ),
+        ]
+
     validated = _derived_columns(frame)
-    result = definition.run(batch_parameters={"dataframe": validated})
+    result = run_suite(validated, "flagged_batch", expectations)
 
     failed = []
     for item in result.results:

@@ -7,12 +7,11 @@ probabilities. The suite checks the model's outputs are usable numbers, not only
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 import torch
 
+from audit.expectations import run_suite
 from audit.gates.report import GateResult
 
 PROBABILITY_SUM_TOLERANCE = 1e-6
@@ -50,10 +49,9 @@ def evaluation_frame(splits: dict[str, tuple[tuple[str, ...], torch.Tensor, torc
     return pd.concat(parts, ignore_index=True)
 
 
-def _expectations(num_classes: int) -> list:
-    """The suite, as GX 1.x expectation objects; `description` says what each one protects."""
-    import great_expectations.expectations as gxe
-
+def _expectations(gxe, num_classes: int) -> list:
+    """The suite, as GX 1.x expectation objects (`gxe`: `great_expectations.expectations`);
+    `description` says what each one protects."""
     labels = list(range(num_classes))
     suite = []
     for column in ("logit_min", "logit_max"):
@@ -90,27 +88,8 @@ def _expectations(num_classes: int) -> list:
 
 
 def validate_evaluation_frame(frame: pd.DataFrame, num_classes: int):
-    """Run the suite on `frame` in a fresh ephemeral GX context (analytics off, no files
-    written); returns GX's `ExpectationSuiteValidationResult`."""
-    # GX reads this when it is imported; the product never sends analytics.
-    os.environ["GX_ANALYTICS_ENABLED"] = "false"
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (
-        context.data_sources.add_pandas("candidate_evaluation")
-        .add_dataframe_asset("evaluation_table")
-        .add_batch_definition_whole_dataframe("whole_table")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name="evaluation_table"))
-    for expectation in _expectations(num_classes):
-        suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="evaluation_table", data=batch, suite=suite)
-    )
-    return definition.run(batch_parameters={"dataframe": frame})
+    """Run the suite on `frame`; returns GX's `ExpectationSuiteValidationResult`."""
+    return run_suite(frame, "evaluation_table", lambda gxe: _expectations(gxe, num_classes))
 
 
 def evaluation_table_gate(frame: pd.DataFrame, num_classes: int) -> GateResult:
