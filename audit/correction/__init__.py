@@ -1,0 +1,30 @@
+"""Correction: fix flagged mispredictions with a few fine-tuning steps on influential training
+examples (Schioppa et al. 2023: influence predicts a short stretch of training well).
+
+    from audit.correction import CorrectionConfig, repair_batch, propose_corrections
+    candidates = propose_corrections(S, train, flagged, predicted, self_scores, k=10, train_probs=P)
+    result = repair_batch(model, train, flagged, CorrectionConfig())   # result.model: repaired copy
+
+Stages: `propose_corrections` (candidates table for the audit), `repair_batch` (the model that
+gets registered, behind audit.gates), `repair_per_query` (measurement protocol),
+`influence_horizon` (how many steps the influence estimate can be trusted). Baselines for the
+benchmark live in `audit.correction.baselines`.
+"""
+
+from audit.correction.batch import repair_batch
+from audit.correction.candidates import propose_corrections
+from audit.correction.config import CorrectionConfig, RepairResult
+from audit.correction.finetune import finetune_steps
+from audit.correction.horizon import influence_horizon
+from audit.correction.per_query import PER_QUERY_CONFIG, repair_per_query
+
+__all__ = [
+    "CorrectionConfig",
+    "PER_QUERY_CONFIG",
+    "RepairResult",
+    "finetune_steps",
+    "influence_horizon",
+    "propose_corrections",
+    "repair_batch",
+    "repair_per_query",
+]

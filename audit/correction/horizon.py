@@ -1,0 +1,83 @@
+"""Influence horizon: for how many fine-tuning steps does influence predict what training on the
+selected examples actually does to a flagged query's loss? (Schioppa et al. 2023: influence
+predicts a short stretch of training well and fades after.) The correction's step budget is
+chosen from this curve."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from audit.correction.batch import check_inputs, influence_scorer
+from audit.correction.config import CorrectionConfig
+from audit.correction.finetune import finetune_steps
+from audit.errors import InvalidInput
+from audit.examples import ExampleTable
+from audit.training import predict_logits
+
+
+def influence_horizon(
+    model: nn.Module, train: ExampleTable, flagged: ExampleTable, config: CorrectionConfig,
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32), scores: torch.Tensor | None = None, max_queries: int = 16,
+) -> pd.DataFrame:
+    """Correlation between predicted and actual query-loss change after s fine-tuning steps.
+
+    For each of the first `max_queries` flagged queries (loss at the reviewer's label) and three
+    training subsets of size `config.k` (its most helpful, its most harmful, a seeded random
+    one), fine-tune a copy of `model` on the subset alone (`config.lr`, `config.optimizer`) and
+    record the actual loss change after each s in `steps`. The prediction for a subset is
+    -mean of its scores (positive score = lower loss), the first-order change per unit of
+    training on it; Pearson is invariant to that unit. Returns one row per s: `steps`,
+    `pearson`, `spearman`, `n_pairs` (query x subset pairs, NaN correlations if < 3 or constant).
+    """
+    if not steps or any(int(s) < 1 for s in steps):
+        raise InvalidInput(f"steps must be positive step counts; got {steps}.")
+    if max_queries < 1:
+        raise InvalidInput(f"max_queries must be at least 1; got {max_queries}.")
+    check_inputs(train, flagged, scores)
+    n_queries = min(max_queries, len(flagged))
+    queries = flagged.subset(list(range(n_queries)))
+    if scores is None:
+        scores = influence_scorer(config.method)(model, train, queries)
+    scores = scores[:n_queries]  # [Q, N]
+    eligible = torch.tensor([i not in set(flagged.ids) for i in train.ids])  # never train on flagged
+    pool = eligible.nonzero().flatten()  # [M]
+    k = min(config.k, len(pool))
+    generator = torch.Generator().manual_seed(config.seed)
+    horizon = sorted({int(s) for s in steps})
+    predicted, actual = [], {s: [] for s in horizon}
+    for q in range(n_queries):
+        row = scores[q, pool]  # [M]
+        subsets = (pool[torch.topk(row, k).indices], pool[torch.topk(-row, k).indices],
+                   pool[torch.randperm(len(pool), generator=generator)[:k]])
+        x, y = queries.inputs[q : q + 1], queries.labels[q : q + 1]
+        before = _loss(model, x, y)
+        for subset in subsets:
+            predicted.append(-scores[q, subset].mean().item())
+            losses = {}
+            copy_ = copy.deepcopy(model)
+            finetune_steps(copy_, train.inputs[subset], train.labels[subset], horizon[-1], config.lr,
+                           optimizer=config.optimizer,
+                           callback=lambda s: losses.__setitem__(s, _loss(copy_, x, y)) if s in actual else None)
+            for s in horizon:
+                actual[s].append(losses[s] - before)
+    rows = []
+    for s in horizon:
+        frame = pd.DataFrame({"predicted": predicted, "actual": actual[s]})
+        rows.append({"steps": s, "pearson": _corr(frame, "pearson"), "spearman": _corr(frame, "spearman"),
+                     "n_pairs": len(frame)})
+    return pd.DataFrame(rows, columns=["steps", "pearson", "spearman", "n_pairs"])
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return nn.functional.cross_entropy(predict_logits(model, x), y).item()
+
+
+def _corr(frame: pd.DataFrame, method: str) -> float:
+    if len(frame) < 3 or frame["predicted"].nunique() < 2 or frame["actual"].nunique() < 2:
+        return float(np.nan)
+    return float(frame["predicted"].corr(frame["actual"], method=method))

@@ -1,0 +1,243 @@
+"""Correction strategies and baselines side by side on the digits CNN (10% flipped labels).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py                 # 10 seeds, ~15-25 min on one core
+    OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py --seeds 0 1 2   # quicker
+    OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py --write /tmp/correction.md   (then merge into bench/RESULTS.md)
+
+Per seed: `load_digits_splits(0.1, seed)`, SmallResNet trained with the default TrainConfig,
+flagged = mispredictions on the production split with reviewer labels = true labels, held-out =
+the validation split (never seen by any repair). Digits flags only ~6-9 mispredictions per seed,
+so fix rates are pooled over seeds (fixed / flagged, counts printed). Held-out change: batch
+mode, mean over seeds of (after - before) validation accuracy; per-query mode, mean over all
+single-query repairs. Relabel precision: fraction of applied (or proposed) relabels that restore
+the clean label of an injected flip. Every row runs on the same models and scores in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+import platform
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from audit.correction import (PER_QUERY_CONFIG, CorrectionConfig, influence_horizon, propose_corrections,
+                              repair_batch, repair_per_query)
+from audit.correction.baselines import repair_flagged_finetune, repair_random
+from audit.digits import load_digits_splits
+from audit.influence import influence_scores
+from audit.models import SmallResNet
+from audit.training import TrainConfig, accuracy, predict_logits, train
+
+
+@dataclasses.dataclass
+class Case:
+    """One seed's trained model, data and precomputed scores."""
+
+    seed: int
+    model: torch.nn.Module
+    splits: object
+    flagged: object
+    scores: dict  # method -> [Q, N]
+
+    def heldout(self, model) -> float:
+        return accuracy(model, self.splits.validation.inputs, self.splits.validation.labels)
+
+
+def build_case(seed: int, methods: list[str], cache: str | None = None) -> Case:
+    splits = load_digits_splits(0.1, seed)
+    torch.manual_seed(seed)
+    model = SmallResNet()
+    path = os.path.join(cache, f"digits-smallresnet-{seed}.pt") if cache else None
+    if path and os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+    else:
+        train(model, splits.train.dataset(), TrainConfig(seed=seed))
+        if path:
+            torch.save(model.state_dict(), path)
+    model.eval()
+    predicted = predict_logits(model, splits.production.inputs).argmax(dim=1)
+    flagged = splits.production.subset((predicted != splits.production.labels).nonzero().flatten().numpy())
+    scores = {m: influence_scores(model, splits.train.dataset(), flagged.dataset(), method=m, progress=False)
+              for m in methods}
+    return Case(seed, model, splits, flagged, scores)
+
+
+def precision(case: Case, relabels: dict[str, int]) -> tuple[int, int]:
+    """(relabels restoring the clean label, relabels)."""
+    position = {tid: i for i, tid in enumerate(case.splits.train.ids)}
+    clean = case.splits.clean_train_labels
+    return sum(int(clean[position[t]]) == label for t, label in relabels.items()), len(relabels)
+
+
+def fixed_count(model, flagged) -> int:
+    return int((predict_logits(model, flagged.inputs).argmax(dim=1) == flagged.labels).sum())
+
+
+def run_batch(cases, name, fn) -> dict:
+    fixed = total = good = proposed = 0
+    changes, seconds = [], 0.0
+    for case in cases:
+        start = time.perf_counter()
+        result = fn(case)
+        seconds += time.perf_counter() - start
+        fixed += fixed_count(result.model, case.flagged)
+        total += len(case.flagged)
+        changes.append(case.heldout(result.model) - case.heldout(case.model))
+        g, n = precision(case, result.relabels)
+        good, proposed = good + g, proposed + n
+    return row(name, "batch", fixed, total, changes, good, proposed, seconds)
+
+
+def run_per_query(cases, name, fn) -> dict:
+    fixed = total = good = proposed = 0
+    changes, seconds = [], 0.0
+    for case in cases:
+        start = time.perf_counter()
+        results = fn(case)
+        seconds += time.perf_counter() - start
+        base = case.heldout(case.model)
+        for q, result in enumerate(results):
+            fixed += fixed_count(result.model, case.flagged.subset([q]))
+            changes.append(case.heldout(result.model) - base)
+            g, n = precision(case, result.relabels)
+            good, proposed = good + g, proposed + n
+        total += len(case.flagged)
+    return row(name, "per-query", fixed, total, changes, good, proposed, seconds)
+
+
+def row(name, mode, fixed, total, changes, good, proposed, seconds) -> dict:
+    return {"row": name, "mode": mode, "fixed": f"{fixed}/{total}", "fix_rate": fixed / max(total, 1),
+            "heldout_change_pts": 100 * float(np.mean(changes)), "worst_change_pts": 100 * float(np.min(changes)),
+            "relabel_precision": good / proposed if proposed else float("nan"), "relabels": proposed,
+            "seconds": seconds}
+
+
+def candidate_precision(cases, method: str, k: int) -> dict:
+    """Precision of propose_corrections' relabel rows (all proposals, not only applied ones)."""
+    good = total = removed = review = 0
+    for case in cases:
+        predicted = predict_logits(case.model, case.flagged.inputs).argmax(dim=1)
+        probs = predict_logits(case.model, case.splits.train.inputs).softmax(dim=1)
+        frame = propose_corrections(case.scores[method], case.splits.train, case.flagged, predicted, None, k=k,
+                                    train_probs=probs)
+        relabel = frame[frame["action"] == "relabel"]
+        g, n = precision(case, dict(zip(relabel["train_id"], relabel["proposed_label"].astype(int))))
+        good, total = good + g, total + n
+        removed += int((frame["action"] == "remove").sum())
+        review += int((frame["action"] == "review").sum())
+    return {"method": method, "k": k, "relabel_rows": total, "precision": good / max(total, 1),
+            "remove_rows": removed, "review_rows": review}
+
+
+def horizon_table(cases, config: CorrectionConfig, method: str) -> pd.DataFrame:
+    frames = [influence_horizon(c.model, c.splits.train, c.flagged, config, scores=c.scores[method]) for c in cases]
+    pooled = pd.concat(frames)
+    return pooled.groupby("steps").agg(pearson=("pearson", "mean"), spearman=("spearman", "mean"),
+                                       n_pairs=("n_pairs", "sum")).reset_index()
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """Pipe table without the optional `tabulate` dependency."""
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--methods", nargs="+", default=["graddot"], help="influence methods to compare")
+    parser.add_argument("--batch", nargs="*", default=None,
+                        help="extra batch configs as python dicts of CorrectionConfig fields (tuning)")
+    parser.add_argument("--per-query", nargs="*", default=None,
+                        help="extra per-query configs as python dicts of CorrectionConfig fields (tuning)")
+    parser.add_argument("--only-extra", action="store_true", help="run only the --batch / --per-query configs")
+    parser.add_argument("--no-horizon", action="store_true")
+    parser.add_argument("--model-cache", default=None, help="folder to keep trained models between runs (tuning)")
+    parser.add_argument("--write", default=None, help="write the markdown tables to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    start = time.perf_counter()
+    cases = [build_case(seed, args.methods, args.model_cache) for seed in args.seeds]
+    setup_s = time.perf_counter() - start
+    counts = ", ".join(f"{c.seed}:{len(c.flagged)}" for c in cases)
+    print(f"# seeds {args.seeds}; flagged per seed {counts}; total {sum(len(c.flagged) for c in cases)}; "
+          f"setup {setup_s:.0f}s", flush=True)
+
+    rows = []
+    extra = [CorrectionConfig(**ast.literal_eval(spec)) for spec in (args.batch or [])]
+    for method in args.methods:
+        batch_default = dataclasses.replace(CorrectionConfig(), method=method)
+        configs = extra if args.only_extra else [
+            batch_default,
+            dataclasses.replace(batch_default, strategy="reinforce"),
+            dataclasses.replace(batch_default, strategy="unlearn"),
+        ] + extra
+        for config in configs:
+            label = f"{config.strategy} [{method}] k={config.k} steps={config.steps}x{config.rounds} lr={config.lr} " \
+                    f"{config.optimizer} replay={config.replay_size} reinforce_k={config.reinforce_k}"
+            rows.append(run_batch(cases, label, lambda c, cfg=config: repair_batch(
+                c.model, c.splits.train, c.flagged, dataclasses.replace(cfg, method=method), c.scores[method])))
+            print(rows[-1], flush=True)
+            if not args.only_extra:
+                rows.append(run_batch(cases, f"random baseline ({config.strategy})", lambda c, cfg=config: repair_random(
+                    c.model, c.splits.train, c.flagged, cfg)))
+                print(rows[-1], flush=True)
+        for spec in args.per_query or []:
+            config = dataclasses.replace(PER_QUERY_CONFIG, method=method, **ast.literal_eval(spec))
+            rows.append(run_per_query(cases, f"{config.strategy} [{method}] k={config.k} steps={config.steps}x"
+                                             f"{config.rounds} lr={config.lr} {config.optimizer} replay={config.replay_size}",
+                                      lambda c, cfg=config: repair_per_query(c.model, c.splits.train, c.flagged, cfg,
+                                                                             c.scores[method])))
+            print(rows[-1], flush=True)
+        if args.only_extra:
+            continue
+        per_query = dataclasses.replace(PER_QUERY_CONFIG, method=method)
+        for strategy in ("reinforce", "relabel", "unlearn"):
+            config = dataclasses.replace(per_query, strategy=strategy)
+            rows.append(run_per_query(cases, f"{strategy} [{method}] k={config.k} steps={config.steps}x{config.rounds} "
+                                             f"lr={config.lr} {config.optimizer} replay={config.replay_size}",
+                                      lambda c, cfg=config: repair_per_query(c.model, c.splits.train, c.flagged, cfg,
+                                                                             c.scores[method])))
+            print(rows[-1], flush=True)
+            rows.append(run_per_query(cases, f"random baseline ({strategy})", lambda c, cfg=config: repair_random(
+                c.model, c.splits.train, c.flagged, cfg, per_query=True)))
+            print(rows[-1], flush=True)
+    if not args.only_extra:
+        rows.append(run_batch(cases, "flagged fine-tuning (upper bound, trains on the evaluation data)",
+                              lambda c: repair_flagged_finetune(c.model, c.splits.train, c.flagged, CorrectionConfig())))
+        print(rows[-1], flush=True)
+
+    table = pd.DataFrame(rows)
+    sections = [f"Seeds {args.seeds}; flagged per seed {counts} (total {sum(len(c.flagged) for c in cases)}).",
+                markdown(table)]
+    if not args.only_extra:
+        cands = pd.DataFrame([candidate_precision(cases, m, k) for m in args.methods for k in (1, 3, 10)])
+        sections += ["Correction candidates (propose_corrections relabel rows, with model probabilities):",
+                     markdown(cands)]
+    if not args.no_horizon:
+        for method in args.methods:
+            for optimizer, lr in (("sgd", 1e-3), ("adam", CorrectionConfig().lr)):
+                config = dataclasses.replace(CorrectionConfig(), k=10, optimizer=optimizer, lr=lr)
+                sections += [f"Influence horizon [{method}], top-10 helpful / harmful / random subsets, {optimizer} "
+                             f"lr={lr}:", markdown(horizon_table(cases, config, method))]
+    sections.append(f"Machine: {platform.processor() or platform.machine()}, torch threads 1, "
+                    f"total {time.perf_counter() - start:.0f}s.")
+    text = "\n\n".join(sections)
+    print(text)
+    if args.write:
+        with open(args.write, "w") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
