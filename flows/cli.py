@@ -91,7 +91,7 @@ def correct_command(
     if result.registered_version:
         typer.echo(f"correction run {result.run_id}: registered version {result.registered_version} as @challenger")
     else:
-        typer.echo(f"correction run {result.run_id}: not registered: " + " ".join(result.failure_reasons()))
+        typer.echo(f"correction run {result.run_id}: not registered: " + "; ".join(result.failure_reasons()) + ".")
         sys.exit(1)
 
 

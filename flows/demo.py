@@ -109,6 +109,6 @@ def summary(result: DemoResult) -> str:
     if result.correction.registered_version:
         lines.append(f"All gates passed: registered version {result.correction.registered_version} as @challenger.")
     else:
-        lines.append("Not registered: " + " ".join(result.correction.failure_reasons()))
+        lines.append("Not registered: " + "; ".join(result.correction.failure_reasons()) + ".")
     lines.append(f"Open the MLflow UI: {ui_command(result.workdir)}")
     return "\n".join(lines)
