@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from audit.correction import CorrectionConfig, RepairResult, repair_batch
+from audit.correction import CorrectionConfig, RepairResult, influence_horizon, repair_batch
 from audit.errors import AuditError
 from audit.examples import ExampleTable
 from audit.flagged import flagged_table
@@ -80,6 +80,36 @@ def repair(inputs: AuditInputs, config: CorrectionConfig) -> RepairResult:
 
 
 @task(cache_policy=NO_CACHE)
+def measure_horizon(inputs: AuditInputs, config: CorrectionConfig) -> pd.DataFrame:
+    """How well influence predicts the query-loss change after s fine-tuning steps (s = 1..32):
+    one row per s with Pearson/Spearman over (flagged query, training subset) pairs."""
+    return influence_horizon(inputs.loaded.model, inputs.train, inputs.flagged, config)
+
+
+def log_horizon(horizon: pd.DataFrame) -> None:
+    """Metrics `horizon_pearson` / `horizon_spearman` with MLflow step = fine-tuning steps, the
+    table, and a plot a reviewer reads next to gates.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for row in horizon.itertuples(index=False):
+        mlflow.log_metrics({"horizon_pearson": float(row.pearson), "horizon_spearman": float(row.spearman)},
+                           step=int(row.steps))
+    audit_log.log_tables({"influence_horizon": horizon}, artifact_dir="correction")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(horizon["steps"], horizon["pearson"], marker="o", label="Pearson")
+    ax.plot(horizon["steps"], horizon["spearman"], marker="s", label="Spearman")
+    ax.set(xscale="log", xlabel="fine-tuning steps", ylabel="correlation (predicted vs actual loss change)",
+           ylim=(-1, 1), title="How far the influence estimate holds")
+    ax.set_xticks(list(horizon["steps"]), [str(v) for v in horizon["steps"]])
+    ax.legend()
+    mlflow.log_figure(fig, "correction/influence_horizon.png")
+    plt.close(fig)
+
+
+@task(cache_policy=NO_CACHE)
 def evaluate(inputs: AuditInputs, repaired: RepairResult, thresholds: GateThresholds, onnx_path: Path) -> GateReport:
     """Every gate, champion vs repair. The canary sample is the validation split: the gates count
     only the inputs the champion gets right."""
@@ -118,6 +148,7 @@ def correct(settings: CorrectionSettings, audit_run_id: str, config: CorrectionC
     inputs = load_audit(audit_run_id)
     loaded = inputs.loaded
     repaired = repair(inputs, config)
+    horizon = measure_horizon(inputs, config)
     tags = audit_log.audit_tags(loaded.name, loaded.version, "correction", inputs.flagged_digest)
     tags["audit.audit_run_id"] = audit_run_id
     with mlflow.start_run(run_name=f"correct {loaded.name} v{loaded.version}", tags=tags) as run:
@@ -132,6 +163,7 @@ def correct(settings: CorrectionSettings, audit_run_id: str, config: CorrectionC
             metrics["relabel_precision"] = noise_precision
         metrics.update({"steps_taken": repaired.steps_taken, "rounds": repaired.rounds, "n_relabels": len(repaired.relabels)})
         mlflow.log_params({f"correction.{k}": v for k, v in vars(config).items()})
+        log_horizon(horizon)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         audit_log.log_json(gates.to_dict(), "gates.json", artifact_dir="correction")
         audit_log.log_tables({"relabels": pd.DataFrame({"train_id": list(repaired.relabels),

@@ -52,6 +52,10 @@ def test_demo_logs_the_audit_and_correction_artifacts(demo_result):
             "audit/correction_candidates.parquet", "audit/flagged_validation.json", "audit/influence_grid.png"} <= audit_files
     correction = demo_result.correction.run_id
     assert [a.path for a in client.list_artifacts(correction, "onnx")] == ["onnx/model.onnx"]
+    assert {"correction/influence_horizon.png", "correction/influence_horizon.parquet"} <= {
+        a.path for a in client.list_artifacts(correction, "correction")}
+    horizon = client.get_metric_history(correction, "horizon_pearson")
+    assert sorted(m.step for m in horizon) == [1, 2, 4, 8, 16, 32]
     tags = client.get_run(correction).data.tags
     assert tags["audit.kind"] == "correction" and tags["audit.audit_run_id"] == demo_result.audit.run_id
 
