@@ -25,7 +25,7 @@ from audit.errors import InvalidFlaggedBatch
 from audit.examples import ExampleTable
 from audit.findings import influence_table, self_influence_table
 from audit.flagged import batch_digest, batch_files, flagged_table, read_batch_file
-from audit.influence import influence_scores, self_influence
+from audit.influence import influence_scores, self_influence, top_influences
 from audit.training import predict_logits
 from audit.report import image_grid, png_data, render_report, section
 from audit.validation import BatchValidation, validate_flagged_frame
@@ -100,11 +100,12 @@ def score_queries(model: torch.nn.Module, train: ExampleTable, flagged: ExampleT
 def _proponent_grid(scores: torch.Tensor, flagged: ExampleTable, predicted: torch.Tensor, train: ExampleTable, per_side: int = 4):
     """Figure: per flagged example, itself then its top harmful and top helpful training images."""
     shown = min(len(flagged), 20)
+    top = top_influences(scores[:shown], per_side)
     images, captions = [], []
     for q in range(shown):
         images.append(flagged.inputs[q])
         captions.append(f"{int(flagged.labels[q])} (model: {int(predicted[q])})")
-        for label, idx in (("-", torch.argsort(scores[q])[:per_side]), ("+", torch.argsort(scores[q], descending=True)[:per_side])):
+        for label, idx in (("-", top.opponents[q]), ("+", top.proponents[q])):
             for i in idx.tolist():
                 images.append(train.inputs[i])
                 captions.append(f"{label} label {int(train.labels[i])}")

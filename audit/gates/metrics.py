@@ -70,12 +70,13 @@ def class_recall_gate(
     if not present:
         reason = f"no class of range({num_classes}) occurs in the held-out split, so class recall cannot be measured"
         return GateResult("class_recall", "max_class_recall_drop", None, math.nan, max_drop_points, False, reason)
-    drops = (class_recalls(champion_pred, labels, present) - class_recalls(candidate_pred, labels, present)) * 100.0
+    recalls_before = class_recalls(champion_pred, labels, present)  # [C']
+    recalls_after = class_recalls(candidate_pred, labels, present)  # [C']
+    drops = (recalls_before - recalls_after) * 100.0
     worst = int(drops.argmax())
     after = float(drops[worst])
     passed = after <= max_drop_points + _SLACK
-    recall_before = float(class_recalls(champion_pred, labels, [present[worst]])[0])
-    recall_after = float(class_recalls(candidate_pred, labels, [present[worst]])[0])
+    recall_before, recall_after = float(recalls_before[worst]), float(recalls_after[worst])
     verdict = "within" if passed else "more than"
     reason = (
         f"the largest class recall drop is {after:.2f} points (class {present[worst]}: "
