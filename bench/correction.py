@@ -26,8 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from audit.correction import (PER_QUERY_CONFIG, CorrectionConfig, influence_horizon, propose_corrections,
-                              repair_batch, repair_per_query)
+from audit.correction import (
+    PER_QUERY_CONFIG,
+    CorrectionConfig,
+    influence_horizon,
+    propose_corrections,
+    repair_batch,
+    repair_per_query,
+)
 from audit.correction.baselines import repair_flagged_finetune, repair_random
 from audit.digits import load_digits_splits
 from audit.influence import influence_scores
@@ -151,6 +157,72 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_CONFIG = CorrectionConfig()
+
+
+def describe(config: CorrectionConfig, method: str, per_query: bool = False) -> str:
+    """Row label: strategy, influence method and the budget of a config."""
+    text = f"{config.strategy} [{method}] k={config.k} steps={config.steps}x{config.rounds} lr={config.lr} " \
+           f"{config.optimizer} replay={config.replay_size}"
+    return text if per_query else f"{text} reinforce_k={config.reinforce_k}"
+
+
+def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CONFIG,
+                  per_query_base: CorrectionConfig = PER_QUERY_CONFIG, extra_batch=(), extra_per_query=(),
+                  only_extra: bool = False, upper_bound: bool = True, suffix: str = "") -> list[dict]:
+    """Every strategy in batch mode (from `batch_base`) and per-query mode (from `per_query_base`),
+    each followed by its random baseline with the same config; `extra_batch` (configs) and
+    `extra_per_query` (dicts of fields over `per_query_base`) add tuning rows without baselines;
+    `only_extra` runs only those. `suffix` is appended to every row label (e.g. " (tuned)")."""
+    rows = []
+
+    def add(result: dict) -> None:
+        result["row"] += suffix
+        rows.append(result)
+        print(rows[-1], flush=True)
+
+    batch_default = dataclasses.replace(batch_base, method=method)
+    configs = list(extra_batch) if only_extra else [
+        batch_default,
+        dataclasses.replace(batch_default, strategy="reinforce"),
+        dataclasses.replace(batch_default, strategy="unlearn"),
+    ] + list(extra_batch)
+    for config in configs:
+        add(run_batch(cases, describe(config, method), lambda c, cfg=config: repair_batch(
+            c.model, c.splits.train, c.flagged, dataclasses.replace(cfg, method=method), c.scores[method])))
+        if not only_extra:
+            add(run_batch(cases, f"random baseline ({config.strategy})", lambda c, cfg=config: repair_random(
+                c.model, c.splits.train, c.flagged, cfg)))
+    per_query = dataclasses.replace(per_query_base, method=method)
+    for spec in extra_per_query:
+        config = dataclasses.replace(per_query, **spec)
+        add(run_per_query(cases, describe(config, method, per_query=True), lambda c, cfg=config: repair_per_query(
+            c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
+    if only_extra:
+        return rows
+    for strategy in ("reinforce", "relabel", "unlearn"):
+        config = dataclasses.replace(per_query, strategy=strategy)
+        add(run_per_query(cases, describe(config, method, per_query=True), lambda c, cfg=config: repair_per_query(
+            c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
+        add(run_per_query(cases, f"random baseline ({strategy})", lambda c, cfg=config: repair_random(
+            c.model, c.splits.train, c.flagged, cfg, per_query=True)))
+    if upper_bound:
+        add(run_batch(cases, "flagged fine-tuning (upper bound, trains on the evaluation data)",
+                      lambda c: repair_flagged_finetune(c.model, c.splits.train, c.flagged, batch_base)))
+    return rows
+
+
+def horizon_sections(cases, method: str, settings=(("sgd", 1e-3), ("adam", DEFAULT_CONFIG.lr)),
+                     base: CorrectionConfig = DEFAULT_CONFIG) -> list[str]:
+    """One influence-horizon table per (optimizer, lr), top-10 subsets."""
+    sections = []
+    for optimizer, lr in settings:
+        config = dataclasses.replace(base, k=10, optimizer=optimizer, lr=lr)
+        title = f"Influence horizon [{method}], top-10 helpful / harmful / random subsets, {optimizer} lr={lr}:"
+        sections += [title, markdown(horizon_table(cases, config, method))]
+    return sections
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
@@ -173,45 +245,12 @@ def main() -> None:
     print(f"# seeds {args.seeds}; flagged per seed {counts}; total {sum(len(c.flagged) for c in cases)}; "
           f"setup {setup_s:.0f}s", flush=True)
 
+    extra_batch = [CorrectionConfig(**ast.literal_eval(spec)) for spec in (args.batch or [])]
+    extra_per_query = [ast.literal_eval(spec) for spec in (args.per_query or [])]
     rows = []
-    extra = [CorrectionConfig(**ast.literal_eval(spec)) for spec in (args.batch or [])]
     for method in args.methods:
-        batch_default = dataclasses.replace(CorrectionConfig(), method=method)
-        configs = extra if args.only_extra else [
-            batch_default,
-            dataclasses.replace(batch_default, strategy="reinforce"),
-            dataclasses.replace(batch_default, strategy="unlearn"),
-        ] + extra
-        for config in configs:
-            label = f"{config.strategy} [{method}] k={config.k} steps={config.steps}x{config.rounds} lr={config.lr} " \
-                    f"{config.optimizer} replay={config.replay_size} reinforce_k={config.reinforce_k}"
-            rows.append(run_batch(cases, label, lambda c, cfg=config: repair_batch(
-                c.model, c.splits.train, c.flagged, dataclasses.replace(cfg, method=method), c.scores[method])))
-            print(rows[-1], flush=True)
-            if not args.only_extra:
-                rows.append(run_batch(cases, f"random baseline ({config.strategy})", lambda c, cfg=config: repair_random(
-                    c.model, c.splits.train, c.flagged, cfg)))
-                print(rows[-1], flush=True)
-        for spec in args.per_query or []:
-            config = dataclasses.replace(PER_QUERY_CONFIG, method=method, **ast.literal_eval(spec))
-            rows.append(run_per_query(cases, f"{config.strategy} [{method}] k={config.k} steps={config.steps}x"
-                                             f"{config.rounds} lr={config.lr} {config.optimizer} replay={config.replay_size}",
-                                      lambda c, cfg=config: repair_per_query(c.model, c.splits.train, c.flagged, cfg,
-                                                                             c.scores[method])))
-            print(rows[-1], flush=True)
-        if args.only_extra:
-            continue
-        per_query = dataclasses.replace(PER_QUERY_CONFIG, method=method)
-        for strategy in ("reinforce", "relabel", "unlearn"):
-            config = dataclasses.replace(per_query, strategy=strategy)
-            rows.append(run_per_query(cases, f"{strategy} [{method}] k={config.k} steps={config.steps}x{config.rounds} "
-                                             f"lr={config.lr} {config.optimizer} replay={config.replay_size}",
-                                      lambda c, cfg=config: repair_per_query(c.model, c.splits.train, c.flagged, cfg,
-                                                                             c.scores[method])))
-            print(rows[-1], flush=True)
-            rows.append(run_per_query(cases, f"random baseline ({strategy})", lambda c, cfg=config: repair_random(
-                c.model, c.splits.train, c.flagged, cfg, per_query=True)))
-            print(rows[-1], flush=True)
+        rows += strategy_rows(cases, method, extra_batch=extra_batch, extra_per_query=extra_per_query,
+                              only_extra=args.only_extra, upper_bound=False)
     if not args.only_extra:
         rows.append(run_batch(cases, "flagged fine-tuning (upper bound, trains on the evaluation data)",
                               lambda c: repair_flagged_finetune(c.model, c.splits.train, c.flagged, CorrectionConfig())))
@@ -226,10 +265,7 @@ def main() -> None:
                      markdown(cands)]
     if not args.no_horizon:
         for method in args.methods:
-            for optimizer, lr in (("sgd", 1e-3), ("adam", CorrectionConfig().lr)):
-                config = dataclasses.replace(CorrectionConfig(), k=10, optimizer=optimizer, lr=lr)
-                sections += [f"Influence horizon [{method}], top-10 helpful / harmful / random subsets, {optimizer} "
-                             f"lr={lr}:", markdown(horizon_table(cases, config, method))]
+            sections += horizon_sections(cases, method)
     sections.append(f"Machine: {platform.processor() or platform.machine()}, torch threads 1, "
                     f"total {time.perf_counter() - start:.0f}s.")
     text = "\n\n".join(sections)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -75,7 +76,10 @@ def _newton(x, y, weights, theta=None, classes=10):
     return theta
 
 
-def part_a() -> None:
+def logreg_case() -> SimpleNamespace:
+    """Part a's data, model and ground truth: L2 logistic regression on 200 digits (float64),
+    true leave-one-out loss changes `loo` [5 queries, 100] and the query losses `actual` [40, 5] of
+    retrainings on the random halves `subsets`. bench/influence_peers.py uses it too."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -110,7 +114,23 @@ def part_a() -> None:
     with torch.no_grad():
         model.weight.copy_(theta[:, :64])
         model.bias.copy_(theta[:, 64])
-    train_set, queries = TensorDataset(x[tr], y[tr]), TensorDataset(x[q], y[q])
+    return SimpleNamespace(n=n, model=model, train_set=TensorDataset(x[tr], y[tr]), queries=TensorDataset(x[q], y[q]),
+                           loo=loo, subsets=subsets, actual=actual)
+
+
+def logreg_metrics(case: SimpleNamespace, s: np.ndarray, exact: np.ndarray) -> list[float]:
+    """[Pearson vs LOO min, mean, Pearson vs exact min, LDS] of scores s [5, 200]."""
+    vs_loo = [np.corrcoef(s[j, :100], case.loo[j])[0, 1] for j in range(5)]
+    vs_exact = [np.corrcoef(s[j], exact[j])[0, 1] for j in range(5)]
+    # removing half the data: predicted loss change = sum over removed of S / N
+    removed = [np.setdiff1d(np.arange(case.n), sub) for sub in case.subsets]
+    predicted = np.stack([s[:, r].sum(1) for r in removed])  # [M, Q]
+    return [min(vs_loo), float(np.mean(vs_loo)), min(vs_exact), _lds(predicted, case.actual)]
+
+
+def part_a() -> None:
+    case = logreg_case()
+    model, train_set, queries = case.model, case.train_set, case.queries
     configs = [
         ("exact", dict(method="exact")),
         ("arnoldi rank 650 (full)", dict(method="arnoldi", rank=650, batch_size=200)),
@@ -128,14 +148,7 @@ def part_a() -> None:
             model, train_set, queries, InfluenceConfig(damping=d, **cfg), progress=False))
         results[name] = (res.scores.numpy(), secs)
     exact = results["exact"][0]
-    rows = []
-    for name, (s, secs) in results.items():
-        vs_loo = [np.corrcoef(s[j, :100], loo[j])[0, 1] for j in range(5)]
-        vs_exact = [np.corrcoef(s[j], exact[j])[0, 1] for j in range(5)]
-        # removing half the data: predicted loss change = sum over removed of S / N
-        removed = [np.setdiff1d(np.arange(n), sub) for sub in subsets]
-        predicted = np.stack([s[:, r].sum(1) for r in removed])  # [M, Q]
-        rows.append([name, min(vs_loo), float(np.mean(vs_loo)), min(vs_exact), _lds(predicted, actual), secs])
+    rows = [[name, *logreg_metrics(case, s, exact), secs] for name, (s, secs) in results.items()]
     _table(
         "a. Logistic regression on digits (N=200, P=650, damping = L2 = 0.01)",
         ["method", "Pearson vs LOO (min of 5 queries)", "Pearson vs LOO (mean)", "Pearson vs exact (min)",
@@ -176,16 +189,17 @@ def _train_with_checkpoints(model, data, config: TrainConfig, every: int):
     return checkpoints
 
 
-def part_b() -> None:
+def mlp_case() -> SimpleNamespace:
+    """Part b's model and ground truth: the digits MLP trained on 10% flipped labels (checkpoints
+    every 4 epochs for TracIn), 20 validation queries, and their losses `actual` [20, 20] after
+    retraining from scratch on the random halves `subsets`. bench/influence_peers.py uses it too."""
     splits = load_digits_splits(noise_rate=0.1, seed=0)
     config = TrainConfig(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4)
     torch.manual_seed(0)  # before construction: the initial weights must not depend on earlier parts
     model = MLP()
     checkpoints = _train_with_checkpoints(model, splits.train.dataset(), config, every=4)
-    flipped = splits.flipped.numpy()
     n = len(splits.train)
     queries = splits.validation.subset(list(range(20)))
-    q_set = queries.dataset()
 
     # LDS: retrain from scratch on 20 random halves, query loss per subset
     rng = np.random.default_rng(0)
@@ -197,7 +211,21 @@ def part_b() -> None:
         train(m, splits.train.subset(s).dataset(), config)
         logits = predict_logits(m, queries.inputs)
         actual.append(nn.functional.cross_entropy(logits, queries.labels, reduction="none").numpy())
-    actual = np.stack(actual)
+    return SimpleNamespace(splits=splits, model=model, checkpoints=checkpoints, n=n, flipped=splits.flipped.numpy(),
+                           train_set=splits.train.dataset(), q_set=queries.dataset(), subsets=subsets,
+                           actual=np.stack(actual))
+
+
+def mlp_lds(case: SimpleNamespace, s: np.ndarray) -> float:
+    """LDS of scores s [20 queries, N] over the retrained halves."""
+    predicted = np.stack([s[:, np.setdiff1d(np.arange(case.n), sub)].sum(1) for sub in case.subsets])
+    return _lds(predicted, case.actual)
+
+
+def part_b() -> None:
+    case = mlp_case()
+    splits, model, checkpoints, flipped, q_set = case.splits, case.model, case.checkpoints, case.flipped, case.q_set
+    n = case.n
 
     configs = [
         ("exact (GN)", dict(method="exact")),
@@ -221,9 +249,7 @@ def part_b() -> None:
             auc, secs_self = float("nan"), float("nan")
         res, secs = _timed(lambda cfg=cfg, extra=extra: compute_influence(
             model, splits.train.dataset(), q_set, InfluenceConfig(**cfg), progress=False, **extra))
-        s = res.scores.numpy()
-        predicted = np.stack([s[:, np.setdiff1d(np.arange(n), sub)].sum(1) for sub in subsets])
-        rows.append([name, auc, _lds(predicted, actual), secs_self, secs])
+        rows.append([name, auc, mlp_lds(case, res.scores.numpy()), secs_self, secs])
     _table(
         f"b. MLP on digits, 10% flipped labels (N={n}, P=2410, val acc "
         f"{accuracy(model, splits.validation.inputs, splits.validation.labels):.3f}, damping=None)",
@@ -356,17 +382,21 @@ def part_d(n_train: int = 1200) -> None:
     )
 
 
+def warm_up() -> None:
+    """torch.func loads its compiler stack on first use (seconds); keep it out of the timings."""
+    warm = TensorDataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    for method, curvature in (("graddot", "gn"), ("arnoldi", "gn"), ("exact", "hessian")):
+        config = InfluenceConfig(method=method, rank=2, curvature=curvature)
+        compute_influence(nn.Linear(3, 2), warm, warm, config, progress=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="abcd")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    # warm-up: torch.func loads its compiler stack on first use (seconds); keep it out of the timings
-    warm = TensorDataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
-    for method, curvature in (("graddot", "gn"), ("arnoldi", "gn"), ("exact", "hessian")):
-        config = InfluenceConfig(method=method, rank=2, curvature=curvature)
-        compute_influence(nn.Linear(3, 2), warm, warm, config, progress=False)
+    warm_up()
     for part in args.parts:
         {"a": part_a, "b": part_b, "c": part_c, "d": part_d}[part]()
 

@@ -149,7 +149,16 @@ def log_audit(settings: AuditSettings, loaded: LoadedModel, training: TrainingDa
                             "Each row: the flagged image captioned with the reviewer's label (and the model's wrong "
                             "prediction), then its most harmful (-) "
                             "and most helpful (+) training examples.", image=png_data(grid)),
-                    section("Correction candidates", table=candidates),
+                    section("Correction candidates",
+                            "What to change in the training data, one row per training example, with its evidence "
+                            "(the flagged examples it harms, its scores and its harmfulness ranks among all "
+                            "training examples). relabel: a harmful example labelled as the wrong prediction, "
+                            "with the proposed label and why (the reviewer's label, or the model's confident "
+                            "prediction when that is more plausible). remove: harmful and labelled as the wrong "
+                            "prediction, but no label is plausible. review: check by hand, either because the "
+                            "model fits its label although it is harmful, or because its self-influence is "
+                            "extreme (unusual for the model, possibly mislabelled). The correct flow applies "
+                            "relabels only after re-scoring and logs the ones it used.", table=candidates),
                     section("Most unusual training examples (self-influence)", table=self_table.head(25)),
                     section("Top influences per flagged example", table=influence),
                 ],

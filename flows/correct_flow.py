@@ -2,7 +2,9 @@
 training examples, evaluate the gates, and register the repair as `challenger` only when every
 gate passes.
 
-Stages in order: load_audit, repair, evaluate, log_correction, register.
+Stages in order: load_audit, measure_horizon (which caps the repair's steps per round at the
+horizon the influence estimate holds for), repair, evaluate, log (metrics, gates.json, report.html),
+register.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from audit.correction import CorrectionConfig, RepairResult, influence_horizon, repair_batch
+from dataclasses import replace
+
+from audit.correction import CorrectionConfig, RepairResult, influence_horizon, repair_batch, trusted_steps
 from audit.errors import AuditError
 from audit.examples import ExampleTable
 from audit.flagged import flagged_table
 from audit.gates import GateReport, GateThresholds, evaluate_gates
+from audit.report import png_data, render_report, section
 from flows.settings import CorrectionSettings
 from registry_hooks import audit_log
 from registry_hooks.lineage import load_label_noise, log_label_noise, log_training_data, recover_training_data
@@ -86,9 +91,9 @@ def measure_horizon(inputs: AuditInputs, config: CorrectionConfig) -> pd.DataFra
     return influence_horizon(inputs.loaded.model, inputs.train, inputs.flagged, config)
 
 
-def log_horizon(horizon: pd.DataFrame) -> None:
+def log_horizon(horizon: pd.DataFrame) -> str:
     """Metrics `horizon_pearson` / `horizon_spearman` with MLflow step = fine-tuning steps, the
-    table, and a plot a reviewer reads next to gates.json."""
+    table, and a plot a reviewer reads next to gates.json; returns the plot as base64 PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +111,44 @@ def log_horizon(horizon: pd.DataFrame) -> None:
     ax.set_xticks(list(horizon["steps"]), [str(v) for v in horizon["steps"]])
     ax.legend()
     mlflow.log_figure(fig, "correction/influence_horizon.png")
+    image = png_data(fig)
     plt.close(fig)
+    return image
+
+
+def correction_report(path: Path, inputs: AuditInputs, gates: GateReport, repaired: RepairResult,
+                      horizon: pd.DataFrame, horizon_png: str, budget: int, config: CorrectionConfig,
+                      min_correlation: float) -> Path:
+    """report.html of a correction run: the verdict, every gate, the influence horizon and the
+    step budget taken from it, the rounds, and the label edits."""
+    loaded = inputs.loaded
+    verdict = ("Every gate passed: this repair is registered as challenger." if gates.passed else
+               "Not registered: " + "; ".join(g.reason for g in gates.failed) + ".")
+    gate_table = pd.DataFrame([{"gate": g.name, "before": g.before, "after": g.after, "threshold": g.threshold,
+                                "passed": g.passed, "reason": g.reason} for g in gates.results])
+    edits = pd.DataFrame({"train_id": list(repaired.relabels), "proposed_label": list(repaired.relabels.values())})
+    if len(edits):
+        current = dict(zip(inputs.train.ids, inputs.train.labels.tolist()))
+        edits.insert(1, "current_label", [current[i] for i in edits["train_id"]])
+    return render_report(
+        path, title=f"Correction of {loaded.name} version {loaded.version}",
+        summary=(f"Strategy `{config.strategy}` with influence method `{config.method}` on {len(inputs.flagged)} "
+                 f"flagged examples: {repaired.rounds} round(s), {repaired.steps_taken} fine-tuning steps, "
+                 f"{len(repaired.relabels)} label edits. {verdict}"),
+        sections=[
+            section("Gates", "Champion (before) vs repaired model (after) on the flagged batch and on the "
+                             "validation split logged with the model.", table=gate_table),
+            section("Influence horizon",
+                    f"For each sampled flagged example, training subsets were fine-tuned on for s steps and the "
+                    f"actual change of its loss compared with the change influence predicted. The repair takes "
+                    f"at most {budget} steps between re-scorings: the longest horizon whose Pearson correlation "
+                    f"stays at or above {min_correlation}.", table=horizon, image=horizon_png),
+            section("Rounds", "Each round re-scores the still-wrong flagged examples and fine-tunes on the "
+                              "training examples it selects (plus a replay sample).",
+                    table=pd.DataFrame(list(repaired.history))),
+            section("Label edits applied to the training data", table=edits),
+        ],
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -139,7 +181,7 @@ def relabelled(train: ExampleTable, relabels: dict[str, int]) -> ExampleTable:
 @flow(name="correct")
 def correct(settings: CorrectionSettings, audit_run_id: str, config: CorrectionConfig | None = None) -> CorrectionResult:
     """Repair the model an audit run looked at, gate it, and register it as `challenger` if every
-    gate passes (gates.json is logged before any registry call)."""
+    gate passes (gates.json and report.html are logged before any registry call)."""
     logger = get_run_logger()
     use_store(settings.workdir, tracking=settings.tracking_uri)
     config = config or CorrectionConfig(target_fix_rate=settings.min_fix_rate or None)
@@ -147,8 +189,11 @@ def correct(settings: CorrectionSettings, audit_run_id: str, config: CorrectionC
                                 max_accuracy_drop_points=settings.max_accuracy_drop_points)
     inputs = load_audit(audit_run_id)
     loaded = inputs.loaded
-    repaired = repair(inputs, config)
     horizon = measure_horizon(inputs, config)
+    budget = trusted_steps(horizon, settings.min_horizon_correlation)
+    # re-score before the influence estimate goes stale (Schioppa et al. 2023)
+    config = replace(config, steps=min(config.steps, budget))
+    repaired = repair(inputs, config)
     tags = audit_log.audit_tags(loaded.name, loaded.version, "correction", inputs.flagged_digest)
     tags["audit.audit_run_id"] = audit_run_id
     with mlflow.start_run(run_name=f"correct {loaded.name} v{loaded.version}", tags=tags) as run:
@@ -157,18 +202,22 @@ def correct(settings: CorrectionSettings, audit_run_id: str, config: CorrectionC
             gates = evaluate(inputs, repaired, thresholds, onnx_path)
             if onnx_path.exists():
                 mlflow.log_artifact(str(onnx_path), artifact_path="onnx")
-        metrics = gates.metrics()
-        noise_precision = relabel_precision(repaired.relabels, inputs.label_noise) if inputs.label_noise is not None else None
-        if noise_precision is not None:
-            metrics["relabel_precision"] = noise_precision
-        metrics.update({"steps_taken": repaired.steps_taken, "rounds": repaired.rounds, "n_relabels": len(repaired.relabels)})
-        mlflow.log_params({f"correction.{k}": v for k, v in vars(config).items()})
-        log_horizon(horizon)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-        audit_log.log_json(gates.to_dict(), "gates.json", artifact_dir="correction")
-        audit_log.log_tables({"relabels": pd.DataFrame({"train_id": list(repaired.relabels),
-                                                        "proposed_label": list(repaired.relabels.values())}),
-                              "history": pd.DataFrame(list(repaired.history))}, artifact_dir="correction")
+            metrics = gates.metrics()
+            noise_precision = relabel_precision(repaired.relabels, inputs.label_noise) if inputs.label_noise is not None else None
+            if noise_precision is not None:
+                metrics["relabel_precision"] = noise_precision
+            metrics.update({"steps_taken": repaired.steps_taken, "rounds": repaired.rounds,
+                            "n_relabels": len(repaired.relabels), "step_budget": budget})
+            mlflow.log_params({f"correction.{k}": v for k, v in vars(config).items()})
+            horizon_png = log_horizon(horizon)
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            audit_log.log_json(gates.to_dict(), "gates.json", artifact_dir="correction")
+            audit_log.log_tables({"relabels": pd.DataFrame({"train_id": list(repaired.relabels),
+                                                            "proposed_label": list(repaired.relabels.values())}),
+                                  "history": pd.DataFrame(list(repaired.history))}, artifact_dir="correction")
+            report = correction_report(Path(tmp) / "report.html", inputs, gates, repaired, horizon, horizon_png,
+                                       budget, config, settings.min_horizon_correlation)
+            audit_log.log_files([report], artifact_dir="correction")
         version = None
         if gates.passed:
             log_training_data(relabelled(inputs.train, repaired.relabels), inputs.validation)

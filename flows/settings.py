@@ -43,3 +43,6 @@ class CorrectionSettings(BaseModel):
     tracking_uri: str | None = None
     min_fix_rate: float = Field(0.5, ge=0.0, le=1.0, description="flagged fix-rate gate")
     max_accuracy_drop_points: float = Field(0.5, ge=0.0, le=100.0)
+    min_horizon_correlation: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="steps per repair round are capped at the longest influence horizon with at least this Pearson")

@@ -7,7 +7,8 @@ examples (Schioppa et al. 2023: influence predicts a short stretch of training w
 
 Stages: `propose_corrections` (candidates table for the audit), `repair_batch` (the model that
 gets registered, behind audit.gates), `repair_per_query` (measurement protocol),
-`influence_horizon` (how many steps the influence estimate can be trusted). Baselines for the
+`influence_horizon` (how many steps the influence estimate can be trusted) and `trusted_steps`
+(the step budget it supports). Baselines for the
 benchmark live in `audit.correction.baselines`.
 """
 
@@ -15,7 +16,7 @@ from audit.correction.batch import repair_batch
 from audit.correction.candidates import propose_corrections
 from audit.correction.config import CorrectionConfig, RepairResult
 from audit.correction.finetune import finetune_steps
-from audit.correction.horizon import influence_horizon
+from audit.correction.horizon import influence_horizon, trusted_steps
 from audit.correction.per_query import PER_QUERY_CONFIG, repair_per_query
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "propose_corrections",
     "repair_batch",
     "repair_per_query",
+    "trusted_steps",
 ]

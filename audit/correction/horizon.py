@@ -73,6 +73,21 @@ def influence_horizon(
     return pd.DataFrame(rows, columns=["steps", "pearson", "spearman", "n_pairs"])
 
 
+def trusted_steps(horizon: pd.DataFrame, min_correlation: float = 0.5) -> int:
+    """The step budget the horizon supports: the largest s such that the Pearson correlation at
+    every measured step count up to s is >= `min_correlation` (NaN counts as below). 1 when
+    even the first measurement is below: one step is the least a repair can take, and the gates
+    still verify it. `horizon` is the frame `influence_horizon` returns."""
+    if not 0.0 <= min_correlation <= 1.0:
+        raise InvalidInput(f"min_correlation must be in [0, 1]; got {min_correlation}.")
+    budget = 1
+    for row in horizon.sort_values("steps").itertuples(index=False):
+        if not row.pearson >= min_correlation:  # also catches NaN
+            break
+        budget = int(row.steps)
+    return budget
+
+
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return nn.functional.cross_entropy(predict_logits(model, x), y).item()
 

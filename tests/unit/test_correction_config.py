@@ -59,3 +59,22 @@ def test_finetune_steps_rejects_empty_and_diverging_runs():
     x, y = torch.full((4, 4), 1e20), torch.arange(4) % 3
     with pytest.raises(NumericalError):
         finetune_steps(linear, x, y, steps=5, lr=1e30)
+
+
+def _horizon(pearsons):
+    import pandas as pd
+
+    steps = [1, 2, 4, 8, 16, 32][: len(pearsons)]
+    return pd.DataFrame({"steps": steps, "pearson": pearsons, "spearman": pearsons, "n_pairs": 12})
+
+
+def test_trusted_steps_is_the_longest_horizon_that_stays_above_the_correlation():
+    from audit.correction import trusted_steps
+
+    assert trusted_steps(_horizon([0.95, 0.9, 0.8, 0.7, 0.6, 0.55])) == 32
+    assert trusted_steps(_horizon([0.95, 0.9, 0.4, 0.7, 0.6, 0.55])) == 2  # the first dip ends the horizon
+    assert trusted_steps(_horizon([0.95, 0.9, 0.8, 0.7, 0.6, 0.55]), min_correlation=0.75) == 4
+    assert trusted_steps(_horizon([0.2, 0.9])) == 1  # one step is the floor; the gates still verify it
+    assert trusted_steps(_horizon([0.9, float("nan"), 0.9])) == 1
+    with pytest.raises(InvalidInput, match="min_correlation"):
+        trusted_steps(_horizon([0.9]), min_correlation=1.5)
