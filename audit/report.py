@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from jinja2 import Environment, select_autoescape
@@ -31,7 +33,7 @@ prediction are the usual suspects for label noise.</p>
 {% if section.image %}<img alt="{{ section.heading }}" src="data:image/png;base64,{{ section.image }}">{% endif %}
 {% if section.table is not none %}
 <table><tr>{% for c in section.table.columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for row in section.table.itertuples(index=False) %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}
+{% for row in section.table.itertuples(index=False) %}<tr>{% for v in row %}<td>{{ v | cell }}</td>{% endfor %}</tr>{% endfor %}
 </table>{% endif %}
 {% endfor %}
 </body></html>
@@ -72,6 +74,16 @@ def section(heading: str, text: str = "", table: pd.DataFrame | None = None, ima
 def render_report(path: Path, title: str, summary: str, sections: list[dict]) -> Path:
     """Write the self-contained HTML report to `path`; returns it."""
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
+    env.filters["cell"] = _cell
     html = env.from_string(_TEMPLATE).render(title=title, summary=summary, sections=sections)
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _cell(value: object) -> object:
+    """Table cells: floats to 4 significant digits, NaN/None as an en dash."""
+    if value is None or value is pd.NA:
+        return "\u2013"
+    if isinstance(value, (float, np.floating)):
+        return "\u2013" if math.isnan(value) else f"{float(value):.4g}"
+    return value

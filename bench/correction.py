@@ -193,6 +193,8 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
         if not only_extra:
             add(run_batch(cases, f"random baseline ({config.strategy})", lambda c, cfg=config: repair_random(
                 c.model, c.splits.train, c.flagged, cfg)))
+            add(run_batch(cases, f"random baseline, unfiltered ({config.strategy})",
+                          lambda c, cfg=config: repair_random(c.model, c.splits.train, c.flagged, cfg, filtered=False)))
     per_query = dataclasses.replace(per_query_base, method=method)
     for spec in extra_per_query:
         config = dataclasses.replace(per_query, **spec)
@@ -206,6 +208,8 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
             c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
         add(run_per_query(cases, f"random baseline ({strategy})", lambda c, cfg=config: repair_random(
             c.model, c.splits.train, c.flagged, cfg, per_query=True)))
+        add(run_per_query(cases, f"random baseline, unfiltered ({strategy})", lambda c, cfg=config: repair_random(
+            c.model, c.splits.train, c.flagged, cfg, per_query=True, filtered=False)))
     if upper_bound:
         add(run_batch(cases, "flagged fine-tuning (upper bound, trains on the evaluation data)",
                       lambda c: repair_flagged_finetune(c.model, c.splits.train, c.flagged, batch_base)))

@@ -1,7 +1,11 @@
 """Benchmark-only baselines (never register their models).
 
-- random: the strategy's own round loop and budget, with random scores instead of influence
-  (same filters, same k, steps, replay), so any gap measures what influence adds.
+- random (filtered): the strategy's own round loop and budget, with random scores instead of
+  influence (same filters, same k, steps, replay), so any gap measures what influence adds on
+  top of the strategy's non-influence filters.
+- random (unfiltered): random training examples with the same budget and nothing else (each
+  still-wrong query draws k eligible examples; relabel gives them the query's reviewer label):
+  the issue's "random training examples with the same budget".
 - flagged fine-tuning: steps on the flagged examples themselves with the reviewer's labels. It
   trains on the evaluation data, so its fix rate is an upper bound, not a fair comparison.
 """
@@ -16,6 +20,7 @@ from torch import nn
 from audit.correction.batch import check_inputs, repair_rounds
 from audit.correction.config import CorrectionConfig, RepairResult
 from audit.correction.finetune import finetune_steps
+from audit.correction.strategies import Plan, plan_round
 from audit.examples import ExampleTable
 from audit.training import predict_logits
 
@@ -30,14 +35,35 @@ def random_scorer(seed: int):
     return score
 
 
+def unfiltered_plan(strategy: str, scores: torch.Tensor, train_labels: torch.Tensor, predicted: torch.Tensor,
+                    reviewer: torch.Tensor, k: int, eligible: torch.Tensor, *_unused) -> Plan:
+    """A Planner with no filter: each query's `k` highest (random) scores among `eligible` [N];
+    reinforce descends on them at their labels, unlearn ascends on them, relabel gives them the
+    query's reviewer label. `scores` [Q, N], `reviewer` [Q]."""
+    chosen: dict[int, int] = {}  # train position -> the query that drew it (first one wins)
+    for q, row in enumerate(scores.masked_fill(~eligible, float("-inf"))):
+        for i in torch.topk(row, min(k, int(eligible.sum()))).indices.tolist():
+            chosen.setdefault(i, q)
+    positions = tuple(chosen)
+    if strategy == "unlearn":
+        return Plan(ascend=positions)
+    if strategy == "reinforce":
+        return Plan(descend=positions, descend_labels=tuple(int(train_labels[i]) for i in positions))
+    relabels = {i: int(reviewer[q]) for i, q in chosen.items() if int(reviewer[q]) != int(train_labels[i])}
+    return Plan(descend=tuple(relabels), descend_labels=tuple(relabels.values()), relabels=relabels)
+
+
 def repair_random(model: nn.Module, train: ExampleTable, flagged: ExampleTable, config: CorrectionConfig,
-                  per_query: bool = False) -> RepairResult | list[RepairResult]:
-    """`repair_batch` (or, with `per_query`, `repair_per_query`) with random scores in every round."""
+                  per_query: bool = False, filtered: bool = True) -> RepairResult | list[RepairResult]:
+    """`repair_batch` (or, with `per_query`, `repair_per_query`) with random scores in every round;
+    with `filtered=False` also without the strategy's filters (`unfiltered_plan`)."""
+    planner = plan_round if filtered else unfiltered_plan
     if per_query:
         exclude = frozenset(flagged.ids)
-        return [repair_rounds(model, train, flagged.subset([q]), config, None, random_scorer(config.seed + q), exclude)
+        return [repair_rounds(model, train, flagged.subset([q]), config, None, random_scorer(config.seed + q), exclude,
+                              planner)
                 for q in range(len(flagged))]
-    return repair_rounds(model, train, flagged, config, None, random_scorer(config.seed))
+    return repair_rounds(model, train, flagged, config, None, random_scorer(config.seed), planner=planner)
 
 
 def repair_flagged_finetune(model: nn.Module, train: ExampleTable, flagged: ExampleTable,

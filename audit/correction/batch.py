@@ -15,7 +15,7 @@ from torch import nn
 
 from audit.correction.config import CorrectionConfig, RepairResult
 from audit.correction.finetune import finetune_steps
-from audit.correction.strategies import Plan, plan_round
+from audit.correction.strategies import Plan, Planner, plan_round
 from audit.errors import InvalidInput
 from audit.examples import ExampleTable
 from audit.training import predict_logits
@@ -67,9 +67,11 @@ def check_inputs(train: ExampleTable, flagged: ExampleTable, scores: torch.Tenso
 def repair_rounds(
     model: nn.Module, train: ExampleTable, flagged: ExampleTable, config: CorrectionConfig,
     scores: torch.Tensor | None, scorer: Scorer, exclude_ids: frozenset[str] = frozenset(),
+    planner: Planner = plan_round,
 ) -> RepairResult:
-    """The round loop shared by repair_batch, repair_per_query and the random baseline; training
-    examples whose id is in `flagged` or `exclude_ids` are never trained on."""
+    """The round loop shared by repair_batch, repair_per_query and the random baselines; training
+    examples whose id is in `flagged` or `exclude_ids` are never trained on. `planner` turns a
+    round's scores into a Plan (the strategies' `plan_round` unless a baseline replaces it)."""
     check_inputs(train, flagged, scores)
     repaired = copy.deepcopy(model)
     repaired.eval()
@@ -97,7 +99,7 @@ def repair_rounds(
         else:
             round_scores = scorer(repaired, current, queries)  # [Q', N]
         probs = predict_logits(repaired, train.inputs).softmax(dim=1)  # [N, C]
-        plan = plan_round(config.strategy, round_scores, labels, predicted[wrong], queries.labels,
+        plan = planner(config.strategy, round_scores, labels, predicted[wrong], queries.labels,
                           config.k, eligible, probs, config.min_confidence, config.reinforce_k)
         for i, label in plan.relabels.items():
             labels[i] = label

@@ -11,6 +11,7 @@ Replay (a random sample of the training set with its current labels) is added by
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,11 @@ class Plan:
     @property
     def selected(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys(self.descend + self.ascend))
+
+
+# planner(strategy, scores [Q, N], train_labels [N], predicted [Q], reviewer [Q], k, eligible [N],
+#         train_probs [N, C], min_confidence, reinforce_k) -> Plan; `plan_round` is the product's
+Planner = Callable[..., "Plan"]
 
 
 def top_per_query(scores: torch.Tensor, k: int, eligible: torch.Tensor, helpful: bool) -> list[int]:

@@ -1,6 +1,7 @@
 """The `audit` flow through Prefect's ephemeral server and a real MLflow store."""
 
 import json
+import re
 
 import mlflow
 import pytest
@@ -49,6 +50,10 @@ def test_audit_logs_the_design_layout_and_archives_the_batch(prefect_harness, re
     assert {"audit/report.html", "audit/influence.parquet", "audit/self_influence.parquet",
             "audit/correction_candidates.parquet", "audit/flagged_validation.json",
             "audit/influence_grid.png"} <= names
+    report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/audit/report.html")
+    # the candidates are explained next to their table; table cells show rounded numbers
+    assert "relabel: a harmful example labelled as the wrong prediction" in report
+    assert "data:image/png;base64," in report and not re.search(r"<td>-?\d+\.\d{6,}", report)
     table = load_table(result.run_id, "influence")
     assert len(table) == len(frame) * 2 * 5
     helpful = table[table.role == "helpful"]

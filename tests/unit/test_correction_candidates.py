@@ -96,3 +96,18 @@ def test_shape_mismatches_raise_invalid_input():
         propose_corrections(SCORES, TRAIN, FLAGGED, torch.tensor([1]), None)
     with pytest.raises(InvalidInput):
         propose_corrections(SCORES, TRAIN, FLAGGED, PREDICTED, torch.ones(3))
+
+
+def test_unfiltered_random_plan_takes_each_querys_top_k_with_no_other_filter():
+    from audit.correction.baselines import unfiltered_plan
+
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.7], [0.2, 0.95, 0.85, 0.1]])  # [Q=2, N=4]
+    labels = torch.tensor([3, 3, 1, 2])
+    eligible = torch.tensor([True, True, True, False])
+    reviewer = torch.tensor([1, 2])
+    args = (scores, labels, torch.tensor([3, 3]), reviewer, 2, eligible)
+    assert set(unfiltered_plan("reinforce", *args).descend) == {0, 1, 2}  # position 3 is not eligible
+    assert set(unfiltered_plan("unlearn", *args).ascend) == {0, 1, 2}
+    relabel = unfiltered_plan("relabel", *args)
+    # query 0 draws 0 and 2 (label 1 already its reviewer label: no edit), query 1 draws 1 (and 2, taken)
+    assert relabel.relabels == {0: 1, 1: 2}

@@ -99,7 +99,7 @@ def test_repair_batch_rejects_mismatched_scores_and_empty_batches(setup):
 
 def test_repair_per_query_repairs_each_query_and_beats_random_examples(setup):
     model, train_table, flagged, scores = setup
-    config = dataclasses.replace(PER_QUERY_CONFIG, replay_size=64, rounds=2)  # lighter than the default
+    config = dataclasses.replace(PER_QUERY_CONFIG, replay_size=64, steps=5, rounds=2)  # lighter than the default
     results = repair_per_query(model, train_table, flagged, config, scores)
     randoms = repair_random(model, train_table, flagged, config, per_query=True)
     assert len(results) == len(randoms) == len(flagged)
