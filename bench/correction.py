@@ -1,6 +1,6 @@
 """Correction strategies and baselines side by side on the digits CNN (10% flipped labels).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py                 # 10 seeds, ~15-25 min on one core
+    OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py                 # 10 seeds, ~70 min on one loaded core
     OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py --seeds 0 1 2   # quicker
     OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py --write /tmp/correction.md   (then merge into bench/RESULTS.md)
 
