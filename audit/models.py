@@ -1,4 +1,5 @@
-"""Small classifiers the demo and tests train: a ResNet-style CNN for 8x8 digits.
+"""Small classifiers the demo, tests and benchmarks train: a ResNet-style CNN and a plain MLP
+for 8x8 digits.
 
 GroupNorm instead of BatchNorm: per-example gradients and short fine-tuning runs on a handful
 of examples must not depend on (or update) batch statistics.
@@ -40,3 +41,15 @@ class SmallResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.stem(x / self.pixel_max))
         return self.head(h.mean(dim=(2, 3)))  # global average pool -> [B, C]
+
+
+class DigitsMLP(nn.Module):
+    """Plain MLP 64-32-10 (tanh), 2,410 parameters. Input [B, 1, 8, 8] (or [B, 64]) raw pixels in
+    [0, 16]; output logits [B, 10]. The tabular-style model of the influence tests and benchmark."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x / 16.0)

@@ -272,10 +272,15 @@ def main() -> None:
             sections += horizon_sections(cases, method)
     sections.append(f"Machine: {platform.processor() or platform.machine()}, torch threads 1, "
                     f"total {time.perf_counter() - start:.0f}s.")
+    emit(sections, args.write)
+
+
+def emit(sections: list[str], path: str | None) -> None:
+    """Print the markdown sections and, when `path` is given, write them there too."""
     text = "\n\n".join(sections)
     print(text)
-    if args.write:
-        with open(args.write, "w") as handle:
+    if path:
+        with open(path, "w") as handle:
             handle.write(text + "\n")
 
 

@@ -39,6 +39,7 @@ import torch
 from correction import (  # bench/correction.py
     Case,
     candidate_precision,
+    emit,
     horizon_sections,
     markdown,
     strategy_rows,
@@ -253,11 +254,7 @@ def main() -> None:
             sections += horizon_sections(cases, method, ast.literal_eval(args.horizon_lrs))
     sections.append(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
                     f"torch threads 1, no GPU; total {time.perf_counter() - start:.0f}s.")
-    text = "\n\n".join(sections)
-    print(text)
-    if args.write:
-        with open(args.write, "w") as handle:
-            handle.write(text + "\n")
+    emit(sections, args.write)
 
 
 if __name__ == "__main__":

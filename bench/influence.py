@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 
 from audit.digits import load_digits_splits
 from audit.influence import InfluenceConfig, compute_influence, top_influences
-from audit.models import SmallResNet
+from audit.models import DigitsMLP, SmallResNet
 from audit.training import TrainConfig, accuracy, predict_logits, train
 
 
@@ -158,15 +158,6 @@ def part_a() -> None:
 
 
 # ----------------------------------------------------------------------------- part b
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.net(x / 16.0)
-
-
 def _train_with_checkpoints(model, data, config: TrainConfig, every: int):
     """`audit.training.train` plus a state dict (and the learning rate of the next epoch) every
     `every` epochs, for TracIn."""
@@ -196,7 +187,7 @@ def mlp_case() -> SimpleNamespace:
     splits = load_digits_splits(noise_rate=0.1, seed=0)
     config = TrainConfig(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4)
     torch.manual_seed(0)  # before construction: the initial weights must not depend on earlier parts
-    model = MLP()
+    model = DigitsMLP()
     checkpoints = _train_with_checkpoints(model, splits.train.dataset(), config, every=4)
     n = len(splits.train)
     queries = splits.validation.subset(list(range(20)))
@@ -207,7 +198,7 @@ def mlp_case() -> SimpleNamespace:
     actual = []
     for s in subsets:
         torch.manual_seed(0)
-        m = MLP()
+        m = DigitsMLP()
         train(m, splits.train.subset(s).dataset(), config)
         logits = predict_logits(m, queries.inputs)
         actual.append(nn.functional.cross_entropy(logits, queries.labels, reduction="none").numpy())
@@ -220,6 +211,20 @@ def mlp_lds(case: SimpleNamespace, s: np.ndarray) -> float:
     """LDS of scores s [20 queries, N] over the retrained halves."""
     predicted = np.stack([s[:, np.setdiff1d(np.arange(case.n), sub)].sum(1) for sub in case.subsets])
     return _lds(predicted, case.actual)
+
+
+def _self_and_queries(model, train, queries, cfg: dict, extra: dict, flipped: np.ndarray):
+    """Timed self-influence (its ROC AUC for the `flipped` examples; NaN for gradcos, whose
+    self-score is constant) and timed query scores: (auc, seconds self, query result, seconds)."""
+    if cfg["method"] != "gradcos":
+        own, secs_self = _timed(lambda: compute_influence(model, train, None, InfluenceConfig(**cfg), progress=False,
+                                                          **extra))
+        auc = roc_auc_score(flipped, own.scores.numpy())
+    else:
+        auc, secs_self = float("nan"), float("nan")
+    res, secs = _timed(lambda: compute_influence(model, train, queries, InfluenceConfig(**cfg), progress=False,
+                                                 **extra))
+    return auc, secs_self, res, secs
 
 
 def part_b() -> None:
@@ -241,14 +246,7 @@ def part_b() -> None:
     rows = []
     for name, cfg in configs:
         extra = {"checkpoints": checkpoints} if cfg["method"] == "tracin" else {}
-        if cfg["method"] != "gradcos":
-            own, secs_self = _timed(lambda cfg=cfg, extra=extra: compute_influence(
-                model, splits.train.dataset(), None, InfluenceConfig(**cfg), progress=False, **extra))
-            auc = roc_auc_score(flipped, own.scores.numpy())
-        else:
-            auc, secs_self = float("nan"), float("nan")
-        res, secs = _timed(lambda cfg=cfg, extra=extra: compute_influence(
-            model, splits.train.dataset(), q_set, InfluenceConfig(**cfg), progress=False, **extra))
+        auc, secs_self, res, secs = _self_and_queries(model, splits.train.dataset(), q_set, cfg, extra, flipped)
         rows.append([name, auc, mlp_lds(case, res.scores.numpy()), secs_self, secs])
     _table(
         f"b. MLP on digits, 10% flipped labels (N={n}, P=2410, val acc "
@@ -283,14 +281,8 @@ def part_c() -> None:
         extra = {"checkpoints": checkpoints} if cfg["method"] == "tracin" else {}
         if "head only" in name:
             extra["param_filter"] = ["head."]
-        if cfg["method"] != "gradcos":
-            own, secs_self = _timed(lambda cfg=cfg, extra=extra: compute_influence(
-                model, splits.train.dataset(), None, InfluenceConfig(**cfg), progress=False, **extra))
-            auc = roc_auc_score(flipped, own.scores.numpy())
-        else:
-            auc, secs_self = float("nan"), float("nan")
-        res, secs = _timed(lambda cfg=cfg, extra=extra: compute_influence(
-            model, splits.train.dataset(), flagged.dataset(), InfluenceConfig(**cfg), progress=False, **extra))
+        auc, secs_self, res, secs = _self_and_queries(model, splits.train.dataset(), flagged.dataset(), cfg, extra,
+                                                      flipped)
         top = top_influences(res.scores, k=10)
         harmful_flipped = float(flipped[top.opponents.numpy()].mean())
         helpful_flipped = float(flipped[top.proponents.numpy()].mean())

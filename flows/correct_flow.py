@@ -10,7 +10,7 @@ register.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -18,8 +18,6 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-
-from dataclasses import replace
 
 from audit.correction import CorrectionConfig, RepairResult, influence_horizon, repair_batch, trusted_steps
 from audit.errors import AuditError
@@ -117,16 +115,17 @@ def log_horizon(horizon: pd.DataFrame) -> str:
 
 
 def correction_report(path: Path, inputs: AuditInputs, gates: GateReport, repaired: RepairResult,
-                      horizon: pd.DataFrame, horizon_png: str, budget: int, config: CorrectionConfig,
-                      min_correlation: float) -> Path:
+                      tables: dict[str, pd.DataFrame], horizon: pd.DataFrame, horizon_png: str, budget: int,
+                      config: CorrectionConfig, min_correlation: float) -> Path:
     """report.html of a correction run: the verdict, every gate, the influence horizon and the
-    step budget taken from it, the rounds, and the label edits."""
+    step budget taken from it, the rounds, and the label edits. `tables` are the logged
+    `relabels` and `history` tables."""
     loaded = inputs.loaded
     verdict = ("Every gate passed: this repair is registered as challenger." if gates.passed else
                "Not registered: " + "; ".join(g.reason for g in gates.failed) + ".")
     gate_table = pd.DataFrame([{"gate": g.name, "before": g.before, "after": g.after, "threshold": g.threshold,
                                 "passed": g.passed, "reason": g.reason} for g in gates.results])
-    edits = pd.DataFrame({"train_id": list(repaired.relabels), "proposed_label": list(repaired.relabels.values())})
+    edits = tables["relabels"].copy()
     if len(edits):
         current = dict(zip(inputs.train.ids, inputs.train.labels.tolist()))
         edits.insert(1, "current_label", [current[i] for i in edits["train_id"]])
@@ -145,7 +144,7 @@ def correction_report(path: Path, inputs: AuditInputs, gates: GateReport, repair
                     f"stays at or above {min_correlation}.", table=horizon, image=horizon_png),
             section("Rounds", "Each round re-scores the still-wrong flagged examples and fine-tunes on the "
                               "training examples it selects (plus a replay sample).",
-                    table=pd.DataFrame(list(repaired.history))),
+                    table=tables["history"]),
             section("Label edits applied to the training data", table=edits),
         ],
     )
@@ -212,11 +211,12 @@ def correct(settings: CorrectionSettings, audit_run_id: str, config: CorrectionC
             horizon_png = log_horizon(horizon)
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
             audit_log.log_json(gates.to_dict(), "gates.json", artifact_dir="correction")
-            audit_log.log_tables({"relabels": pd.DataFrame({"train_id": list(repaired.relabels),
-                                                            "proposed_label": list(repaired.relabels.values())}),
-                                  "history": pd.DataFrame(list(repaired.history))}, artifact_dir="correction")
-            report = correction_report(Path(tmp) / "report.html", inputs, gates, repaired, horizon, horizon_png,
-                                       budget, config, settings.min_horizon_correlation)
+            tables = {"relabels": pd.DataFrame({"train_id": list(repaired.relabels),
+                                                "proposed_label": list(repaired.relabels.values())}),
+                      "history": pd.DataFrame(list(repaired.history))}
+            audit_log.log_tables(tables, artifact_dir="correction")
+            report = correction_report(Path(tmp) / "report.html", inputs, gates, repaired, tables, horizon,
+                                       horizon_png, budget, config, settings.min_horizon_correlation)
             audit_log.log_files([report], artifact_dir="correction")
         version = None
         if gates.passed:

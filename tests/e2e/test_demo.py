@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from audit.correction import CorrectionConfig
+from audit.correction import CorrectionConfig, trusted_steps
 from flows.cli import app
 from flows.correct_flow import correct
 from flows.demo import MODEL_NAME, run_demo, summary
@@ -62,7 +62,6 @@ def test_demo_logs_the_audit_and_correction_artifacts(demo_result):
     assert sorted(m.step for m in horizon) == [1, 2, 4, 8, 16, 32]
     # the repair's steps per round are capped at the horizon the influence estimate holds for
     metrics = client.get_run(correction).data.metrics
-    from audit.correction import trusted_steps
     frame = audit_log.load_table(correction, "influence_horizon", artifact_dir="correction")
     assert metrics["step_budget"] == trusted_steps(frame, 0.5)
     params = client.get_run(correction).data.params

@@ -6,27 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
 from audit.digits import load_digits_splits
 from audit.influence import self_influence
+from audit.models import DigitsMLP
 from audit.training import TrainConfig, train
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.net(x / 16.0)
 
 
 @pytest.fixture(scope="module")
 def noisy_mlp():
     splits = load_digits_splits(noise_rate=0.1, seed=0)
     torch.manual_seed(0)
-    model = MLP()
+    model = DigitsMLP()
     train(model, splits.train.dataset(), TrainConfig(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4))
     return model, splits
 
