@@ -1,7 +1,7 @@
 """Our influence engine next to the public influence libraries, on bench/influence.py's cases a and b.
 
     .venv/bin/pip install -e '.[peers]' -c <(printf 'torch==2.14.1\\ntorchvision==0.29.1\\n')
-    OMP_NUM_THREADS=1 .venv/bin/python bench/influence_peers.py              # both parts, ~5-8 min
+    OMP_NUM_THREADS=1 .venv/bin/python bench/influence_peers.py              # both parts, 3 rounds, ~15 min
     OMP_NUM_THREADS=1 .venv/bin/python bench/influence_peers.py --parts a    # one part
 
 Peers (each optional: a peer that is not installed or fails gets a row saying why):
@@ -104,14 +104,14 @@ def ours(model, train, queries, damping, want_self, **cfg):
     return out
 
 
-def ours_tracin(model, train, queries, damping, want_self, checkpoints):
+def ours_tracin(model, train, queries, damping, want_self, checkpoints, batch_size=64):
     out = {}
     for key, q in (("queries", queries), ("self", None)):
         if key == "self" and not want_self:
             break
         start = time.perf_counter()
-        res = compute_influence(model, train, q, InfluenceConfig(method="tracin"), progress=False,
-                                checkpoints=checkpoints)
+        res = compute_influence(model, train, q, InfluenceConfig(method="tracin", batch_size=batch_size),
+                                progress=False, checkpoints=checkpoints)
         out[key], out["q_secs" if q is not None else "self_secs"] = res.scores.numpy(), time.perf_counter() - start
     return out
 
@@ -424,7 +424,32 @@ def _run(name, fn, model, train, queries, damping, want_self, float32=False, no_
         return None, msg
 
 
-def part_a() -> None:
+def _run_all(part, methods, model, train, queries, damping, want_self, repeat):
+    """Every method `repeat` times, round-robin (so a change of machine load hits every row alike):
+    ({name: result with the median seconds}, failures). Scores come from the first round."""
+    results, failures, seconds = {}, [], {}
+    for round_ in range(repeat):
+        for name, fn, opts in methods:
+            if any(name == f[0] for f in failures):
+                continue
+            print(f"{part}: {name} (round {round_ + 1}/{repeat})", flush=True)
+            res, err = _run(name, fn, model, train, queries, damping, want_self, **opts)
+            if res is None:
+                failures.append([name, err])
+                results.pop(name, None)
+                continue
+            results.setdefault(name, res)
+            for key in ("q_secs", "self_secs"):
+                if key in res:
+                    seconds.setdefault((name, key), []).append(res[key])
+    for name, res in results.items():
+        for key in ("q_secs", "self_secs"):
+            if (name, key) in seconds:
+                res[key] = float(np.median(seconds[(name, key)]))
+    return results, failures
+
+
+def part_a(repeat: int = 1) -> None:
     case = logreg_case()
     # nn.Sequential: kronfluence and dattri's EK-FAC need the Linear to be a named submodule
     model, train, queries, n = nn.Sequential(case.model), case.train_set, case.queries, case.n
@@ -433,6 +458,7 @@ def part_a() -> None:
     methods = [
         ("ours exact", ours, {"method": "exact"}),
         ("ours ekfac", ours, {"method": "ekfac"}),
+        ("ours ekfac, 1 sampled label (as kronfluence, pyDVL)", ours, {"method": "ekfac", "fisher_samples": 1}),
         ("ours kfac", ours, {"method": "kfac"}),
         ("ours arnoldi rank 50", ours, {"method": "arnoldi", "rank": 50, "batch_size": 200}),
         ("kronfluence ekfac", kronfluence, {"strategy": "ekfac"}),
@@ -453,14 +479,7 @@ def part_a() -> None:
         ("pyDVL EkfacInfluence (float32)", pydvl, {"kind": "ekfac", "float32": True}),
         ("TRAK / traker (proj 512, 1 model; float32)", traker, {"proj_dim": 512}),
     ]
-    results, failures = {}, []
-    for name, fn, opts in methods:
-        print(f"a: {name}", flush=True)
-        res, err = _run(name, fn, model, train, queries, lam, False, **opts)
-        if res is None:
-            failures.append([name, err])
-        else:
-            results[name] = res
+    results, failures = _run_all("a", methods, model, train, queries, lam, False, repeat)
     exact = results["ours exact"]["queries"]
     rows = [[name, *logreg_metrics(case, r["queries"], exact), r["q_secs"]] for name, r in results.items()]
     _table(
@@ -474,7 +493,7 @@ def part_a() -> None:
         _table("a (peers). Not measured", ["method", "reason"], failures)
 
 
-def part_b() -> None:
+def part_b(repeat: int = 1) -> None:
     case = mlp_case()
     model, train, q_set, n = case.model, case.train_set, case.q_set, case.n
     # the damping ours picks for damping=None (0.1 x trace(GN)/P, exact trace) goes to every peer
@@ -486,8 +505,11 @@ def part_b() -> None:
         ("ours arnoldi rank 64 (Hessian)", ours,
          {"method": "arnoldi", "rank": 64, "curvature": "hessian", "batch_size": 540}),
         ("ours ekfac", ours, {"method": "ekfac"}),
+        ("ours ekfac, 1 sampled label (as kronfluence, pyDVL)", ours, {"method": "ekfac", "fisher_samples": 1}),
         ("ours kfac", ours, {"method": "kfac"}),
         ("ours tracin (5 checkpoints)", ours_tracin, {"checkpoints": case.checkpoints}),
+        ("ours tracin (5 checkpoints), batch 256 as captum", ours_tracin,
+         {"checkpoints": case.checkpoints, "batch_size": 256}),
         ("kronfluence ekfac", kronfluence, {"strategy": "ekfac"}),
         ("kronfluence kfac", kronfluence, {"strategy": "kfac"}),
         ("captum NaiveInfluenceFunction (Hessian, rank 2410 = full)", captum, {"kind": "naive", "rank": 2410}),
@@ -505,13 +527,9 @@ def part_b() -> None:
         ("pyDVL EkfacInfluence", pydvl, {"kind": "ekfac"}),
         ("TRAK / traker (proj 512, 1 model)", traker, {"proj_dim": 512}),
     ]
-    rows, failures = [], []
-    for name, fn, opts in methods:
-        print(f"b: {name}", flush=True)
-        res, err = _run(name, fn, model, train, q_set, lam, True, **opts)
-        if res is None:
-            failures.append([name, err])
-            continue
+    results, failures = _run_all("b", methods, model, train, q_set, lam, True, repeat)
+    rows = []
+    for name, res in results.items():
         auc = roc_auc_score(case.flipped, res["self"]) if res.get("self") is not None else float("nan")
         self_secs = res.get("self_secs", float("nan")) if res.get("self") is not None else float("nan")
         rows.append([name, auc, mlp_lds(case, res["queries"]), self_secs, res["q_secs"]])
@@ -529,6 +547,8 @@ def part_b() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="ab")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds over all methods; seconds are the median (robust to load changes)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -536,7 +556,7 @@ def main() -> None:
           + ", ".join(f"{p} {_version(p)}" for p in PEERS), flush=True)
     warm_up()
     for part in args.parts:
-        {"a": part_a, "b": part_b}[part]()
+        {"a": part_a, "b": part_b}[part](args.repeat)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -31,7 +31,8 @@ Methods (`method=`):
   eigenvalue correction; exact diagonal for other parameters (norms, embeddings).
 - "arnoldi": top-`rank` eigenpairs of the Gauss-Newton (or Hessian) from Arnoldi iteration on
   `samples` training examples; directions outside that eigenspace are ignored (Schioppa et al.).
-- "exact": explicit P x P curvature (P <= max_exact_params); the reference in tests.
+- "exact": explicit P x P curvature (P <= max_exact_params); the reference in tests. The damped
+  Gauss-Newton matrix is solved by Cholesky, the Hessian eigendecomposed.
 - "tracin": sum_k lr_k g_q(theta_k) . g_i(theta_k) over `checkpoints`.
 - "graddot" / "gradcos": gradient dot product / cosine baselines.
 Curvature: "gn" (default, Gauss-Newton = Fisher, PSD) or "hessian" (exact, arnoldi). The true
@@ -39,6 +40,11 @@ Hessian is indefinite on trained networks and predicts retraining far worse (see
 Extra options: see `InfluenceConfig` (rank, iterations, samples, fisher_samples, seed, ...),
 `param_filter` (parameter subset: callable or name prefixes), `checkpoints` (tracin).
 `cache_dir` stores fitted curvatures keyed by model, data and options.
+
+Per-example gradients run under torch.func.vmap. Hugging Face models refuse vmap only because
+they inspect the 2-D attention mask, so they get it as the 4-D additive bias they accept ready-made
+(after checking it gives the same logits); a model that still refuses falls back to a batched path
+with the same numbers and more backward work. `InfluenceResult.gradient_path` says which ran.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from audit.influence.config import InfluenceConfig
 from audit.influence.context import Context, evaluation, make_context
 from audit.influence.curvature import Curvature, EigenCurvature, resolve_damping
 from audit.influence.curvature.arnoldi import fit_arnoldi
-from audit.influence.curvature.exact import fit_exact
+from audit.influence.curvature.exact import MatrixCurvature, fit_exact
 from audit.influence.curvature.kfac import KroneckerCurvature, fit_kronecker
 from audit.influence.params import ParamFilter, select_params
 from audit.influence.tracin import Checkpoints, check_checkpoint, load_checkpoints
@@ -29,11 +29,13 @@ Preconditioner = Callable[[torch.Tensor], torch.Tensor]  # [B, P] -> [B, P], sam
 
 @dataclass(frozen=True)
 class InfluenceResult:
-    """Scores with what produced them: `damping` is the value used (None for tracin / gradcos)."""
+    """Scores with what produced them: `damping` is the value used (None for tracin / gradcos);
+    `gradient_path` how per-example gradients were vectorised (see audit.influence.gradients)."""
 
     scores: torch.Tensor  # [Q, N] influence or [N] self-influence
     damping: float | None
     config: InfluenceConfig
+    gradient_path: str | None = None
 
 
 def fit_curvature(ctx: Context, train: Dataset, n: int, cache_dir=None) -> Curvature:
@@ -44,6 +46,8 @@ def fit_curvature(ctx: Context, train: Dataset, n: int, cache_dir=None) -> Curva
     if state is not None:
         if method in ("kfac", "ekfac"):
             return KroneckerCurvature.from_state(state, ctx.space)
+        if "matrix" in state:
+            return MatrixCurvature.from_state(state)
         return EigenCurvature.from_state(state)
     if method == "exact":
         curvature = fit_exact(ctx, train, n)
@@ -127,7 +131,7 @@ def _finish(scores: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor
 
 def _tracin(
     model, train, queries, config, device, progress, param_filter, checkpoints, n
-) -> tuple[torch.Tensor, torch.dtype]:
+) -> tuple[torch.Tensor, torch.dtype, str | None]:
     total = None
     for state, lr in load_checkpoints(checkpoints):
         with evaluation(model):
@@ -140,7 +144,7 @@ def _tracin(
             else:
                 part = train_side(ctx, train, query_side(ctx, queries, ident), n)
         total = lr * part if total is None else total + lr * part
-    return total, ctx.dtype
+    return total, ctx.dtype, ctx.grads.path
 
 
 def compute(
@@ -167,8 +171,8 @@ def compute(
         )
     what = "Influence scores" if queries is not None else "Self-influence scores"
     if config.method == "tracin":
-        scores, dtype = _tracin(model, train, queries, config, device, progress, param_filter, checkpoints, n)
-        return InfluenceResult(_finish(scores, dtype, what), None, config)
+        scores, dtype, path = _tracin(model, train, queries, config, device, progress, param_filter, checkpoints, n)
+        return InfluenceResult(_finish(scores, dtype, what), None, config, path)
     with evaluation(model):
         ctx = make_context(model, train, config, device, progress, param_filter)
         precondition, damping = preconditioner(ctx, train, n, cache_dir)
@@ -176,4 +180,4 @@ def compute(
             scores = self_side(ctx, train, precondition, n)
         else:
             scores = train_side(ctx, train, query_side(ctx, queries, precondition), n)
-    return InfluenceResult(_finish(scores, ctx.dtype, what), damping, config)
+    return InfluenceResult(_finish(scores, ctx.dtype, what), damping, config, ctx.grads.path)

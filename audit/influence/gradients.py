@@ -10,9 +10,14 @@ vector-Jacobian product J_i^T v_ik over the selected parameters, as a flat [B, K
 Two ways to vectorise, no Python loop over examples:
 - "vmap": vmap over examples of (forward one example, vjp) - the fast path;
 - "batched": one batched forward, then vmap of the vjp over one-hot-per-example cotangents. It
-  costs B backward passes per batch but never runs the model under vmap, so it works for models
-  with data-dependent control flow in their forward (Hugging Face attention-mask logic).
-"auto" tries vmap on the first batch and switches to batched for good if vmap refuses the model.
+  costs B backward passes per batch but never runs the model under vmap, so it works for any
+  model with data-dependent control flow in its forward.
+"auto" tries vmap on the first two examples and falls back to batched for good if vmap refuses.
+
+Hugging Face models refuse vmap only because they inspect a 2-D `attention_mask` (`mask.all()`)
+to build the attention bias. Handing them the bias ready-made - a 4-D additive mask, which they
+pass through untouched - lets them run under vmap. That rewrite is used only after a batched
+forward showed it gives the same logits, with one token masked out so the check is not vacuous.
 """
 
 from __future__ import annotations
@@ -68,6 +73,17 @@ def _is_vmap_refusal(exc: RuntimeError) -> bool:
     return "vmap" in str(exc).lower() or "data-dependent" in str(exc).lower()
 
 
+def _has_2d_mask(inputs: Inputs) -> bool:
+    return isinstance(inputs, Mapping) and getattr(inputs.get("attention_mask"), "dim", lambda: 0)() == 2
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2-D padding mask [B, T] (1 = attend) -> 4-D additive attention bias [B, 1, 1, T] (0 where
+    attended, the dtype's most negative value where masked), the form transformers accepts as is."""
+    keep = mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
 @dataclass
 class GradientFunction:
     """Per-example J^T v for one model at fixed parameters `selected` (+ `frozen` state)."""
@@ -78,15 +94,65 @@ class GradientFunction:
     frozen: dict[str, torch.Tensor]
     mode: str = "auto"  # "auto" | "vmap" | "batched"
     chunk: int = 16  # examples per forward on the batched path (it costs chunk^2 backward work)
-    _resolved: str | None = field(default=None, repr=False)
+    _resolved: str | None = field(default=None, repr=False)  # "vmap" | "batched" once chosen
+    _mask_bias: bool = field(default=False, repr=False)  # vmap path passes a 4-D attention bias
 
     def forward(self, params: dict[str, torch.Tensor], inputs: Inputs) -> torch.Tensor:
         """Logits [B, C] at `params` (selected parameters by name; the rest from `frozen`)."""
         return call_logits(self.model, {**self.frozen, **params}, inputs)
 
+    @property
+    def path(self) -> str | None:
+        """How gradients are vectorised once chosen: "vmap", "vmap (4-D attention bias)" or "batched"."""
+        if self._resolved == "vmap" and self._mask_bias:
+            return "vmap (4-D attention bias)"
+        return self._resolved
+
+    def _with_bias(self, inputs: Inputs) -> Inputs:
+        dtype = next((t.dtype for t in self.selected.values() if t.is_floating_point()), torch.float32)
+        return {**inputs, "attention_mask": additive_mask(inputs["attention_mask"], dtype)}
+
+    def _bias_gives_same_logits(self, inputs: Inputs) -> bool:
+        mask = inputs["attention_mask"].clone()
+        if mask.shape[1] > 1:
+            mask[0, -1] = 0  # one masked token, so a model that ignores the bias cannot pass
+        probe = {**inputs, "attention_mask": mask}
+        try:
+            with torch.no_grad():
+                want = self.forward(self.selected, probe)
+                got = self.forward(self.selected, self._with_bias(probe))
+        except Exception:  # noqa: BLE001 - whatever the model raises, it does not take the bias
+            return False
+        return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max()))
+
+    def _choose_path(self, inputs: Inputs, labels: torch.Tensor, cot: Cotangents, noise) -> str:
+        if self.mode == "batched":
+            return "batched"
+        trial = slice(0, min(2, batch_len(inputs)))
+        x, y, u = slice_inputs(inputs, trial), labels[trial], None if noise is None else noise[trial]
+        refusal = None
+        for bias in (False, True) if _has_2d_mask(inputs) else (False,):
+            if bias and not self._bias_gives_same_logits(x):
+                break
+            self._mask_bias = bias
+            try:
+                self._vmap_path(x, y, cot, u)
+                return "vmap"
+            except RuntimeError as exc:
+                if not _is_vmap_refusal(exc):
+                    raise
+                refusal = exc
+        self._mask_bias = False
+        if self.mode == "vmap":
+            first = str(refusal).strip().splitlines()[0]
+            raise UnsupportedModel(f"This model cannot run under torch.func.vmap ({first}); use grad_mode='auto'.")
+        return "batched"
+
     def _vmap_path(self, inputs, labels, cot: Cotangents, noise) -> dict[str, torch.Tensor]:
+        prepare = self._with_bias if self._mask_bias else (lambda x: x)
+
         def one(params, x, y, u):
-            z, pullback = vjp(lambda p: self.forward(p, _unsqueeze(x))[0], params)
+            z, pullback = vjp(lambda p: self.forward(p, prepare(_unsqueeze(x)))[0], params)
             v = cot(z.detach(), y, u)  # [K, C]
             return vmap(pullback)(v)[0]
 
@@ -106,16 +172,10 @@ class GradientFunction:
         self, inputs: Inputs, labels: torch.Tensor, cot: Cotangents, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Flat per-example vector-Jacobian products [B, K, P] for cotangents `cot(z, y, noise)`."""
-        if self._resolved in (None, "vmap") and self.mode in ("auto", "vmap"):
-            try:
-                out = self._vmap_path(inputs, labels, cot, noise)
-                self._resolved = "vmap"
-                return self.space.flatten(out, lead=2)
-            except RuntimeError as exc:
-                # the batched path gives the same numbers, so switching mid-pass is safe
-                if self.mode == "vmap" or not _is_vmap_refusal(exc):
-                    raise
-                self._resolved = "batched"
+        if self._resolved is None:
+            self._resolved = self._choose_path(inputs, labels, cot, noise)
+        if self._resolved == "vmap":
+            return self.space.flatten(self._vmap_path(inputs, labels, cot, noise), lead=2)
         n = batch_len(inputs)
         parts = []
         for start in range(0, n, self.chunk):
