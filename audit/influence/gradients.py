@@ -74,7 +74,8 @@ def _is_vmap_refusal(exc: RuntimeError) -> bool:
 
 
 def _has_2d_mask(inputs: Inputs) -> bool:
-    return isinstance(inputs, Mapping) and getattr(inputs.get("attention_mask"), "dim", lambda: 0)() == 2
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
