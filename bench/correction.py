@@ -101,20 +101,38 @@ def run_batch(cases, name, fn) -> dict:
 
 
 def run_per_query(cases, name, fn) -> dict:
+    """One per-query row; also prints its round-budget curve (see `budget_curve`)."""
     fixed = total = good = proposed = 0
-    changes, seconds = [], 0.0
+    changes, seconds, records = [], 0.0, []
     for case in cases:
         start = time.perf_counter()
         results = fn(case)
         seconds += time.perf_counter() - start
         base = case.heldout(case.model)
         for q, result in enumerate(results):
-            fixed += fixed_count(result.model, case.flagged.subset([q]))
+            fixed_q = fixed_count(result.model, case.flagged.subset([q]))
+            fixed += fixed_q
             changes.append(case.heldout(result.model) - base)
+            records.append((bool(fixed_q), result.rounds, changes[-1]))
             g, n = precision(case, result.relabels)
             good, proposed = good + g, proposed + n
         total += len(case.flagged)
+    print(f"round budget of {name}:\n{markdown(budget_curve(records))}", flush=True)
     return row(name, "per-query", fixed, total, changes, good, proposed, seconds)
+
+
+def budget_curve(records: list[tuple[bool, int, float]], budgets=(5, 10, 15, 20, 25, 30)) -> pd.DataFrame:
+    """Per-query results under smaller round budgets, from one run's (fixed, rounds run, held-out
+    change) per query. Exact because a query's repair does not depend on the budget and a query not
+    fixed within it keeps the input model (best round = round 0): fixed within R rounds, and the
+    mean held-out change over all queries counting only those."""
+    n = max(len(records), 1)
+    out = []
+    for budget in budgets:
+        inside = [change for fixed, rounds, change in records if fixed and rounds <= budget]
+        out.append({"rounds": budget, "fixed": f"{len(inside)}/{len(records)}", "fix_rate": len(inside) / n,
+                    "heldout_change_pts": 100 * sum(inside) / n})
+    return pd.DataFrame(out)
 
 
 def row(name, mode, fixed, total, changes, good, proposed, seconds) -> dict:
@@ -169,11 +187,13 @@ def describe(config: CorrectionConfig, method: str, per_query: bool = False) -> 
 
 def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CONFIG,
                   per_query_base: CorrectionConfig = PER_QUERY_CONFIG, extra_batch=(), extra_per_query=(),
-                  only_extra: bool = False, upper_bound: bool = True, suffix: str = "") -> list[dict]:
+                  only_extra: bool = False, upper_bound: bool = True, suffix: str = "",
+                  modes: tuple[str, ...] = ("batch", "per-query")) -> list[dict]:
     """Every strategy in batch mode (from `batch_base`) and per-query mode (from `per_query_base`),
     each followed by its random baseline with the same config; `extra_batch` (configs) and
     `extra_per_query` (dicts of fields over `per_query_base`) add tuning rows without baselines;
-    `only_extra` runs only those. `suffix` is appended to every row label (e.g. " (tuned)")."""
+    `only_extra` runs only those. `suffix` is appended to every row label (e.g. " (tuned)").
+    `modes` limits the rows to batch and/or per-query mode (the upper bound is a batch row)."""
     rows = []
 
     def add(result: dict) -> None:
@@ -182,7 +202,7 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
         print(rows[-1], flush=True)
 
     batch_default = dataclasses.replace(batch_base, method=method)
-    configs = list(extra_batch) if only_extra else [
+    configs = [] if "batch" not in modes else list(extra_batch) if only_extra else [
         batch_default,
         dataclasses.replace(batch_default, strategy="reinforce"),
         dataclasses.replace(batch_default, strategy="unlearn"),
@@ -196,13 +216,15 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
             add(run_batch(cases, f"random baseline, unfiltered ({config.strategy})",
                           lambda c, cfg=config: repair_random(c.model, c.splits.train, c.flagged, cfg, filtered=False)))
     per_query = dataclasses.replace(per_query_base, method=method)
+    if "per-query" not in modes:
+        extra_per_query = ()
     for spec in extra_per_query:
         config = dataclasses.replace(per_query, **spec)
         add(run_per_query(cases, describe(config, method, per_query=True), lambda c, cfg=config: repair_per_query(
             c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
     if only_extra:
         return rows
-    for strategy in ("reinforce", "relabel", "unlearn"):
+    for strategy in ("reinforce", "relabel", "unlearn") if "per-query" in modes else ():
         config = dataclasses.replace(per_query, strategy=strategy)
         add(run_per_query(cases, describe(config, method, per_query=True), lambda c, cfg=config: repair_per_query(
             c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
@@ -210,7 +232,7 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
             c.model, c.splits.train, c.flagged, cfg, per_query=True)))
         add(run_per_query(cases, f"random baseline, unfiltered ({strategy})", lambda c, cfg=config: repair_random(
             c.model, c.splits.train, c.flagged, cfg, per_query=True, filtered=False)))
-    if upper_bound:
+    if upper_bound and "batch" in modes:
         add(run_batch(cases, "flagged fine-tuning (upper bound, trains on the evaluation data)",
                       lambda c: repair_flagged_finetune(c.model, c.splits.train, c.flagged, batch_base)))
     return rows

@@ -90,15 +90,22 @@ def encode(sentences: list[str], batch_size: int = 64) -> torch.Tensor:
     return out
 
 
-def embeddings(cache: str) -> dict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor]]:
-    """{'train' | 'dev' | 'test': (ids, embeddings [N, 384], labels [N])}, cached by content."""
+def split_frames() -> tuple[dict[str, pd.DataFrame], str]:
+    """The benchmark's sentences: {'train' (fixed seeded sample of N_TRAIN), 'dev', 'test'} and a
+    content digest (first 12 hex digits) for cache names."""
     train_frame = read_split("train").drop_duplicates("sentence")
     rows = np.sort(np.random.default_rng(0).choice(len(train_frame), size=N_TRAIN, replace=False))
     frames = {"train": train_frame.iloc[rows], "dev": read_split("dev"), "test": read_split("test")}
     digest = hashlib.sha256()
     for frame in frames.values():
         digest.update("\n".join(frame["sentence"]).encode())
-    path = os.path.join(cache, f"sst2-minilm-{digest.hexdigest()[:12]}.pt")
+    return frames, digest.hexdigest()[:12]
+
+
+def embeddings(cache: str) -> dict[str, tuple[tuple[str, ...], torch.Tensor, torch.Tensor]]:
+    """{'train' | 'dev' | 'test': (ids, embeddings [N, 384], labels [N])}, cached by content."""
+    frames, digest = split_frames()
+    path = os.path.join(cache, f"sst2-minilm-{digest}.pt")
     if os.path.exists(path):
         return torch.load(path)
     os.makedirs(cache, exist_ok=True)
@@ -131,9 +138,11 @@ def make_head(kind: str, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(384, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
 
-def build_case(seed: int, data: dict, args) -> Case:
+def build_case(seed: int, data: dict, args, make_model=None, model_path: str | None = None) -> Case:
     """Seeded: 10% of the 5,000 training labels flipped, head trained on them, flagged = a sample
-    of `args.flagged` production mispredictions (reviewer label = true label)."""
+    of `args.flagged` production mispredictions (reviewer label = true label). `make_model()`
+    builds the model to train instead of `make_head(args.head, args.hidden)`; `model_path` keeps
+    the trained weights between runs (loaded instead of training when the file exists)."""
     rng = np.random.default_rng(seed)
     ids, x, clean = data["train"]
     noisy = clean.clone()
@@ -141,9 +150,16 @@ def build_case(seed: int, data: dict, args) -> Case:
     noisy[flip] = 1 - noisy[flip]
     splits = Splits(ExampleTable(ids, x, noisy), clean, ExampleTable(*data["dev"]), ExampleTable(*data["test"]))
     torch.manual_seed(seed)
-    model = make_head(args.head, args.hidden)
-    train(model, splits.train.dataset(), TrainConfig(epochs=args.epochs, lr=args.train_lr,
-                                                     weight_decay=args.weight_decay, seed=seed))
+    model = make_model() if make_model is not None else make_head(args.head, args.hidden)
+    if model_path and os.path.exists(model_path):
+        model.load_state_dict(torch.load(model_path))
+    else:
+        start = time.perf_counter()
+        train(model, splits.train.dataset(), TrainConfig(epochs=args.epochs, lr=args.train_lr,
+                                                         weight_decay=args.weight_decay, seed=seed))
+        print(f"# seed {seed}: trained in {time.perf_counter() - start:.0f}s", flush=True)
+        if model_path:
+            torch.save(model.state_dict(), model_path)
     model.eval()
     predicted = predict_logits(model, splits.production.inputs).argmax(dim=1)
     wrong = (predicted != splits.production.labels).nonzero().flatten().numpy()
@@ -157,8 +173,12 @@ def build_case(seed: int, data: dict, args) -> Case:
           f"held-out acc {accuracy(model, splits.validation.inputs, splits.validation.labels):.3f}, "
           f"production acc {float((predicted == splits.production.labels).float().mean()):.3f}, "
           f"flagged {len(flagged)}", flush=True)
-    scores = {m: influence_scores(model, splits.train.dataset(), flagged.dataset(), method=m, progress=False)
-              for m in args.methods}
+    scores = {}
+    for m in args.methods:
+        start = time.perf_counter()
+        scores[m] = influence_scores(model, splits.train.dataset(), flagged.dataset(), method=m, progress=False)
+        print(f"# seed {seed}: influence {m} {len(ids)} train x {len(flagged)} queries in "
+              f"{time.perf_counter() - start:.1f}s", flush=True)
     return Case(seed, model, splits, flagged, scores)
 
 
