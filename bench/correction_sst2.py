@@ -84,10 +84,22 @@ def encode(sentences: list[str], batch_size: int = 64) -> torch.Tensor:
         batch = tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=256,
                           return_tensors="pt")
         hidden = model(**batch).last_hidden_state  # [B, T, 384]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        out[torch.as_tensor(idx)] = nn.functional.normalize(pooled, dim=1)
+        out[torch.as_tensor(idx)] = sentence_embedding(hidden, batch["attention_mask"].to(hidden.dtype))
     return out
+
+
+def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's sentence-transformers head: mean of token states hidden [B, T, D] over mask
+    [B, T] (1 = token, float), then L2 normalisation: [B, D]."""
+    pooled = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
+    return nn.functional.normalize(pooled, dim=1)
+
+
+def finish(sections: list[str], start: float, path: str | None) -> None:
+    """Append the machine line (with the run's total seconds since `start`) and print / write."""
+    sections.append(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
+                    f"torch threads 1, no GPU; total {time.perf_counter() - start:.0f}s.")
+    emit(sections, path)
 
 
 def split_frames() -> tuple[dict[str, pd.DataFrame], str]:
@@ -272,9 +284,7 @@ def main() -> None:
                          markdown(cands)]
         if not args.no_horizon:
             sections += horizon_sections(cases, method, ast.literal_eval(args.horizon_lrs))
-    sections.append(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
-                    f"torch threads 1, no GPU; total {time.perf_counter() - start:.0f}s.")
-    emit(sections, args.write)
+    finish(sections, start, args.write)
 
 
 if __name__ == "__main__":

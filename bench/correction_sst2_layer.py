@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import math
 import os
-import platform
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +44,8 @@ from correction_sst2 import (  # bench/correction_sst2.py
     aggregate,
     build_case,
     encoder_path,
+    finish,
+    sentence_embedding,
     spec,
     split_frames,
 )
@@ -53,6 +55,7 @@ from audit.correction import PER_QUERY_CONFIG, CorrectionConfig, repair_per_quer
 from audit.correction.baselines import repair_random
 from audit.correction.batch import repair_rounds
 from audit.influence import influence_scores
+from audit.influence.gradients import additive_mask
 
 HIDDEN = 384
 
@@ -80,8 +83,7 @@ def encode_layer_input(sentences: list[str], max_len: int, batch_size: int = 64)
         hidden[rows, :t] = out.hidden_states[-2]  # input of encoder.layer[5]
         m = batch["attention_mask"].to(hidden.dtype)
         mask[rows, :t] = m
-        last = out.last_hidden_state
-        pooled[rows] = nn.functional.normalize((last * m[..., None]).sum(1) / m.sum(1, keepdim=True), dim=1)
+        pooled[rows] = sentence_embedding(out.last_hidden_state, m)
     return hidden, mask, pooled
 
 
@@ -125,8 +127,6 @@ class LastLayerClassifier(nn.Module):
             from transformers import AutoModel
 
             layer = AutoModel.from_pretrained(encoder_path(), local_files_only=True).encoder.layer[5]
-        import copy
-
         layer = copy.deepcopy(layer)
         self.heads, self.chunk = heads, chunk
         self.query, self.key, self.value = (layer.attention.self.query, layer.attention.self.key,
@@ -141,13 +141,11 @@ class LastLayerClassifier(nn.Module):
         d = HIDDEN // self.heads
         split = lambda z: z.reshape(b, t, self.heads, d).transpose(1, 2)  # [B, H, T, d]
         q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-        bias = (1.0 - m)[:, None, None, :] * torch.finfo(h.dtype).min  # [B, 1, 1, T] additive mask
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + bias, dim=-1)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + additive_mask(m, h.dtype), dim=-1)
         ctx = (attn @ v).transpose(1, 2).reshape(b, t, HIDDEN)
         a = self.attn_norm(self.attn_out(ctx) + h)
         y = self.ffn_norm(self.ffn_out(nn.functional.gelu(self.ffn_in(a))) + a)  # [B, T, 384]
-        pooled = (y * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-9)
-        return nn.functional.normalize(pooled, dim=1)
+        return sentence_embedding(y, m)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         h, m = x[..., :HIDDEN], x[..., HIDDEN]
@@ -312,9 +310,7 @@ def main() -> None:
         sections += ["Correction candidates (propose_corrections relabel rows):", markdown(cands)]
         if args.horizon:
             sections += horizon_sections(cases, method, ast.literal_eval(args.horizon_lrs))
-    sections.append(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
-                    f"torch threads 1, no GPU; total {time.perf_counter() - start:.0f}s.")
-    emit(sections, args.write)
+    finish(sections, start, args.write)
 
 
 if __name__ == "__main__":
