@@ -32,11 +32,12 @@ MIN_PEARSON = 0.9999
 
 
 class Texts(Dataset):
-    """Seeded random token sequences of lengths 3..12 over a 60-token vocabulary, 2 classes."""
+    """Seeded random token sequences, lengths in [lengths[0], lengths[1]) over token ids 1..vocab-1,
+    2 classes."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, vocab: int = 60, lengths: tuple[int, int] = (3, 13)):
         g = torch.Generator().manual_seed(seed)
-        self.ids = [torch.randint(1, 60, (int(k),), generator=g) for k in torch.randint(3, 13, (n,), generator=g)]
+        self.ids = [torch.randint(1, vocab, (int(k),), generator=g) for k in torch.randint(*lengths, (n,), generator=g)]
         self.labels = torch.randint(0, 2, (n,), generator=g)
 
     def __len__(self):

@@ -32,7 +32,8 @@ class InfluenceConfig:
         expectation over all classes when there are <= max_exact_classes, else 1 sample.
     max_exact_classes: see fisher_samples, >= 2.
     max_exact_params: exact refuses models with more selected parameters (P x P matrix), >= 1.
-    batch_size: examples per batch on every pass, >= 1.
+    batch_size: examples per batch on every pass, >= 1; passes that form per-example gradients take
+        fewer when batch_size x P values would exceed the memory bound (context.gradient_elements).
     seed: seeds every random draw (arnoldi start vector and sample, sampled labels).
     grad_mode: per-example gradient vectorisation, "auto" | "vmap" | "batched".
     """

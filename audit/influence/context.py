@@ -20,7 +20,18 @@ from audit.influence.config import InfluenceConfig
 from audit.influence.gradients import GradientFunction, gn_cotangents
 from audit.influence.params import ParamFilter, ParamSpace, model_state, select_params
 
-FACTOR_ELEMENTS = 2**25  # values per chunk of Gauss-Newton factors (128 MiB in float32)
+# Per-example gradients are [rows, P] (Gauss-Newton factors [rows, K, P]); these bound one such
+# tensor, which the passes copy a few times (preconditioned, rotated, float64 parts).
+CPU_GRADIENT_ELEMENTS = 2**28  # 1 GiB in float32: MiniLM-sized models (P = 22.7M) take 11 rows
+CUDA_GRADIENT_SHARE = 16  # a CUDA device: 1/16 of its memory per gradient tensor (H200: 8.9 GB)
+
+
+def gradient_elements(device: torch.device, itemsize: int) -> int:
+    """How many values one per-example gradient tensor may hold on `device`. From the device's total
+    memory, not its free memory, so that batching (and with it the sampled labels) is reproducible."""
+    if device.type == "cuda":
+        return max(1, torch.cuda.get_device_properties(device).total_memory // (CUDA_GRADIENT_SHARE * itemsize))
+    return CPU_GRADIENT_ELEMENTS
 
 
 @contextlib.contextmanager
@@ -52,10 +63,19 @@ class Context:
     grads: GradientFunction
     num_classes: int
     progress: bool
+    max_elements: int  # values one per-example gradient tensor may hold (see gradient_elements)
 
-    def batches(self, data: Dataset, desc: str, batch_size: int | None = None) -> Iterator[tuple[Inputs, torch.Tensor]]:
-        """Batches on the device, labels checked against the model's number of classes."""
-        for inputs, labels in batches(data, batch_size or self.config.batch_size, self.device, desc, self.progress):
+    @property
+    def gradient_rows(self) -> int:
+        """Examples per batch of a pass that forms per-example gradients: `batch_size`, fewer when
+        `batch_size x P` would exceed `max_elements`. Batching changes no score."""
+        return max(1, min(self.config.batch_size, self.max_elements // self.space.dim))
+
+    def batches(self, data: Dataset, desc: str, per_example: bool = True) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        """Batches on the device, labels checked against the model's number of classes; of
+        `gradient_rows` examples when the pass forms per-example gradients, else `batch_size`."""
+        size = self.gradient_rows if per_example else self.config.batch_size
+        for inputs, labels in batches(data, size, self.device, desc, self.progress):
             if labels.min().item() < 0 or labels.max().item() >= self.num_classes:
                 raise InvalidInput(
                     f"Labels must lie in [0, {self.num_classes}) for a model with {self.num_classes} logits; "
@@ -69,10 +89,10 @@ class Context:
 
     def gn_factors(self, inputs: Inputs, labels: torch.Tensor, generator: torch.Generator) -> Iterator[torch.Tensor]:
         """Gauss-Newton factors [b, K, P] of one batch (see gradients.py), in sub-batches of at most
-        FACTOR_ELEMENTS values: K x P per example can be large (K = classes)."""
+        `max_elements` values: K x P per example can be large (K = classes)."""
         noise = self.fisher_noise(len(labels), generator)  # drawn per batch: chunking changes nothing
         k = self.num_classes if noise is None else noise.shape[1]
-        rows = max(1, FACTOR_ELEMENTS // (k * self.space.dim))
+        rows = max(1, self.max_elements // (k * self.space.dim))
         for start in range(0, len(labels), rows):
             sl = slice(start, start + rows)
             yield self.grads.output_grads(
@@ -111,4 +131,5 @@ def make_context(
     x, _ = collate([train[0]])
     with torch.no_grad():
         num_classes = call_logits(model, {**frozen, **selected}, to_device(x, device)).shape[1]
-    return Context(model, config, space, device, grads, num_classes, progress)
+    itemsize = next(iter(selected.values())).element_size()
+    return Context(model, config, space, device, grads, num_classes, progress, gradient_elements(device, itemsize))

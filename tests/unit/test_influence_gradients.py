@@ -148,3 +148,23 @@ def test_dropout_is_off_so_scores_are_deterministic():
     a = influence_scores(model, data, data, method="ekfac", progress=False)
     b = influence_scores(model, data, data, method="ekfac", progress=False)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["graddot", "exact", "ekfac", "arnoldi"])
+def test_memory_bound_splits_batches_without_changing_scores(method, monkeypatch):
+    """A model too large for `batch_size` examples of per-example gradients runs in smaller
+    batches (and Gauss-Newton chunks of one example), with the same scores."""
+    from audit.influence import InfluenceConfig, compute_influence
+    from audit.influence import context
+
+    torch.manual_seed(0)
+    model = DictModel().double()
+    train, queries = DictDataset(13, seed=1), DictDataset(3, seed=2)
+    config = InfluenceConfig(method=method, batch_size=8, rank=8)
+    unbounded = compute_influence(model, train, queries, config, progress=False).scores
+    dim = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(context, "CPU_GRADIENT_ELEMENTS", 3 * dim)
+    with context.evaluation(model):
+        assert context.make_context(model, train, config, "cpu", False).gradient_rows == 3
+    bounded = compute_influence(model, train, queries, config, progress=False).scores
+    torch.testing.assert_close(bounded, unbounded, rtol=1e-9, atol=1e-12)

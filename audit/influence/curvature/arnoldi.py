@@ -34,7 +34,7 @@ def _sample(ctx: Context, data: Dataset, n: int, generator: torch.Generator) -> 
 def curvature_product(ctx: Context, data: Dataset, m: int):
     """v [P] -> C v [P] (float64) for the mean-loss curvature over `data` (m examples)."""
     space, g = ctx.space, ctx.grads
-    cached = list(ctx.batches(data, "arnoldi: load sample"))  # reused by every product
+    cached = list(ctx.batches(data, "arnoldi: load sample", per_example=False))  # reused by every product
 
     def product(v_flat: torch.Tensor) -> torch.Tensor:
         v = space.unflatten(v_flat.to(ctx.dtype))

@@ -194,7 +194,7 @@ def _fit_factors(ctx: Context, data: Dataset, n: int, found, generator):
     positions = [0.0] * len(found)
     params = {k: v.detach().requires_grad_(True) for k, v in ctx.grads.selected.items()}
     try:
-        for inputs, labels in ctx.batches(data, f"{ctx.config.method}: factors"):
+        for inputs, labels in ctx.batches(data, f"{ctx.config.method}: factors", per_example=False):
             for c in calls.values():
                 c.clear()
             with torch.enable_grad():
