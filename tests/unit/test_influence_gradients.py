@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from audit.influence import influence_scores, self_influence
+from audit.influence import InfluenceConfig, compute_influence, context, influence_scores, self_influence
 from audit.influence.gradients import GradientFunction, gn_cotangents
 from audit.influence.params import model_state, select_params
 
@@ -154,9 +154,6 @@ def test_dropout_is_off_so_scores_are_deterministic():
 def test_memory_bound_splits_batches_without_changing_scores(method, monkeypatch):
     """A model too large for `batch_size` examples of per-example gradients runs in smaller
     batches (and Gauss-Newton chunks of one example), with the same scores."""
-    from audit.influence import InfluenceConfig, compute_influence
-    from audit.influence import context
-
     torch.manual_seed(0)
     model = DictModel().double()
     train, queries = DictDataset(13, seed=1), DictDataset(3, seed=2)
