@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--per-query", nargs="*", default=[], help="extra per-query configs (dicts over PER_QUERY_CONFIG)")
     parser.add_argument("--only-extra", action="store_true", help="run only the --batch / --per-query configs")
     parser.add_argument("--no-default", action="store_true", help="skip the library-default rows")
+    parser.add_argument("--upper-bound-only", action="store_true", help="run only the upper-bound rows")
     parser.add_argument("--no-horizon", action="store_true")
     parser.add_argument("--horizon-lrs", default="(('sgd', 0.1), ('adam', 0.003))",
                         help="(optimizer, lr) pairs for the influence horizon (python literal)")
@@ -273,16 +274,16 @@ def main() -> None:
         for suffix, batch_base, per_query_base, extra_batch, extra_per_query, only_extra in runs:
             for case in cases:
                 results = strategy_rows([case], method, batch_base, per_query_base, extra_batch, extra_per_query,
-                                        only_extra, suffix=suffix)
+                                        only_extra, suffix=suffix, upper_bound_only=args.upper_bound_only)
                 rows += [{**result, "seed": case.seed, "order": (suffix, i)} for i, result in enumerate(results)]
         sections += [(f"Influence method {method}; fix rate pooled over seeds (fix_rate_sd: spread of per-seed "
                       "rates), held-out change mean over seeds (heldout_sd: spread of per-seed means):"),
                      markdown(aggregate(rows))]
-        if not args.only_extra:
+        if not args.only_extra and not args.upper_bound_only:
             cands = pd.DataFrame([candidate_precision(cases, method, k) for k in (1, 3, 10)])
             sections += ["Correction candidates (propose_corrections relabel rows, with model probabilities):",
                          markdown(cands)]
-        if not args.no_horizon:
+        if not args.no_horizon and not args.upper_bound_only:
             sections += horizon_sections(cases, method, ast.literal_eval(args.horizon_lrs))
     finish(sections, start, args.write)
 

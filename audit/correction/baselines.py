@@ -67,20 +67,40 @@ def repair_random(model: nn.Module, train: ExampleTable, flagged: ExampleTable, 
 
 
 def repair_flagged_finetune(model: nn.Module, train: ExampleTable, flagged: ExampleTable,
-                            config: CorrectionConfig) -> RepairResult:
+                            config: CorrectionConfig, per_query: bool = False) -> RepairResult | list[RepairResult]:
     """Upper bound: `config.steps * config.rounds` steps on the flagged examples at their reviewer
     labels, plus a replay sample of `config.replay_size` training examples the model fits.
+    With `per_query`, one copy per flagged example (result q trains on row q alone): `config.steps`
+    steps per round, stopping after the first round that fixes it, at most `config.rounds` rounds;
+    a query never fixed keeps the input model, as in `repair_per_query`.
     Trains on the evaluation data: report it, never register it."""
     check_inputs(train, flagged, None)
-    repaired = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(config.seed)
-    fits = (predict_logits(repaired, train.inputs).argmax(dim=1) == train.labels).nonzero().flatten()  # [M]
+    fits = (predict_logits(model, train.inputs).argmax(dim=1) == train.labels).nonzero().flatten()  # [M]
     replay = fits[torch.randperm(len(fits), generator=generator)[: config.replay_size]]
-    steps = config.steps * config.rounds
-    losses = finetune_steps(repaired, flagged.inputs, flagged.labels, steps, config.lr, optimizer=config.optimizer,
-                            replay_inputs=train.inputs[replay], replay_labels=train.labels[replay])
-    fixed = (predict_logits(repaired, flagged.inputs).argmax(dim=1) == flagged.labels).float().mean().item()
-    entry = {"round": 1, "fixed_fraction": fixed, "still_wrong": len(flagged), "selected": 0, "relabels": 0,
-             "steps": steps, "loss_start": losses[0], "loss_end": losses[-1]}
-    return RepairResult(model=repaired, steps_taken=steps, rounds=1, selected_ids=(), relabels={},
-                        history=(entry,))
+    if not per_query:
+        return _finetune_on(model, flagged, train, replay, config, config.rounds, stop_when_fixed=False)
+    return [_finetune_on(model, flagged.subset([q]), train, replay, config, config.rounds, stop_when_fixed=True)
+            for q in range(len(flagged))]
+
+
+def _finetune_on(model: nn.Module, examples: ExampleTable, train: ExampleTable, replay: torch.Tensor,
+                 config: CorrectionConfig, rounds: int, stop_when_fixed: bool) -> RepairResult:
+    repaired = copy.deepcopy(model)
+    history, steps_taken, fixed = [], 0, 0.0
+    # without early stopping the rounds are one run of rounds x steps (one optimizer state)
+    chunks = [config.steps] * rounds if stop_when_fixed else [config.steps * rounds]
+    for round_index, steps in enumerate(chunks, start=1):
+        losses = finetune_steps(repaired, examples.inputs, examples.labels, steps, config.lr,
+                                optimizer=config.optimizer, replay_inputs=train.inputs[replay],
+                                replay_labels=train.labels[replay])
+        steps_taken += steps
+        fixed = (predict_logits(repaired, examples.inputs).argmax(dim=1) == examples.labels).float().mean().item()
+        history.append({"round": round_index, "fixed_fraction": fixed, "still_wrong": len(examples), "selected": 0,
+                        "relabels": 0, "steps": steps, "loss_start": losses[0], "loss_end": losses[-1]})
+        if stop_when_fixed and fixed == 1.0:
+            break
+    if stop_when_fixed and fixed < 1.0:  # never fixed: keep the input model (best round = round 0)
+        repaired, steps_taken = copy.deepcopy(model), 0
+    return RepairResult(model=repaired, steps_taken=steps_taken, rounds=len(history), selected_ids=(), relabels={},
+                        history=tuple(history))

@@ -121,6 +121,24 @@ def test_flagged_finetune_upper_bound_fixes_most_of_the_batch(setup):
     assert result.selected_ids == () and _fixed(result.model, flagged) >= 0.75
 
 
+def test_flagged_finetune_per_query_stops_when_fixed_and_keeps_the_input_model_otherwise(setup):
+    model, train_table, flagged, _ = setup
+    config = dataclasses.replace(PER_QUERY_CONFIG, replay_size=64, rounds=4)
+    results = repair_flagged_finetune(model, train_table, flagged, config, per_query=True)
+    assert len(results) == len(flagged)
+    fixed = [_fixed(r.model, flagged.subset([q])) for q, r in enumerate(results)]
+    for result, ok in zip(results, fixed):
+        assert 1 <= result.rounds <= config.rounds
+        if ok:  # stopped after the first round that fixed it
+            assert result.history[-1]["fixed_fraction"] == 1.0 and result.steps_taken == result.rounds * config.steps
+            assert all(h["fixed_fraction"] < 1.0 for h in result.history[:-1])
+        else:
+            assert result.rounds == config.rounds and result.steps_taken == 0
+            assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
+                                                         model.state_dict().values()))
+    assert sum(fixed) >= len(flagged) // 2
+
+
 def test_influence_horizon_is_first_order_exact_for_one_small_step(setup):
     model, train_table, flagged, scores = setup
     config = CorrectionConfig(k=10, lr=1e-4, optimizer="sgd")
