@@ -121,12 +121,15 @@ def run_per_query(cases, name, fn) -> dict:
     return row(name, "per-query", fixed, total, changes, good, proposed, seconds)
 
 
-def budget_curve(records: list[tuple[bool, int, float]], budgets=(5, 10, 15, 20, 25, 30)) -> pd.DataFrame:
+def budget_curve(records: list[tuple[bool, int, float]], budgets=None) -> pd.DataFrame:
     """Per-query results under smaller round budgets, from one run's (fixed, rounds run, held-out
     change) per query. Exact because a query's repair does not depend on the budget and a query not
     fixed within it keeps the input model (best round = round 0): fixed within R rounds, and the
-    mean held-out change over all queries counting only those."""
+    mean held-out change over all queries counting only those. Default budgets: 5, 10, ... up to
+    the most rounds any query ran (at least 30)."""
     n = max(len(records), 1)
+    if budgets is None:
+        budgets = range(5, max([30] + [rounds for _, rounds, _ in records]) + 1, 5)
     out = []
     for budget in budgets:
         inside = [change for fixed, rounds, change in records if fixed and rounds <= budget]
@@ -188,13 +191,14 @@ def describe(config: CorrectionConfig, method: str, per_query: bool = False) -> 
 def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CONFIG,
                   per_query_base: CorrectionConfig = PER_QUERY_CONFIG, extra_batch=(), extra_per_query=(),
                   only_extra: bool = False, upper_bound: bool = True, suffix: str = "",
-                  modes: tuple[str, ...] = ("batch", "per-query"), upper_bound_only: bool = False) -> list[dict]:
+                  modes: tuple[str, ...] = ("batch", "per-query"), upper_bound_only: bool = False,
+                  strategies: tuple[str, ...] = ("reinforce", "relabel", "unlearn")) -> list[dict]:
     """Every strategy in batch mode (from `batch_base`) and per-query mode (from `per_query_base`),
     each followed by its random baseline with the same config; `extra_batch` (configs) and
     `extra_per_query` (dicts of fields over `per_query_base`) add tuning rows without baselines;
     `only_extra` runs only those. `suffix` is appended to every row label (e.g. " (tuned)").
     `modes` limits the rows to batch and/or per-query mode (an upper-bound row for each);
-    `upper_bound_only` runs only the upper-bound rows."""
+    `upper_bound_only` runs only the upper-bound rows; `strategies` limits the strategy rows."""
     rows = []
 
     def add(result: dict) -> None:
@@ -206,9 +210,8 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
     if upper_bound_only:
         only_extra, extra_batch, extra_per_query = True, (), ()
     configs = [] if "batch" not in modes else list(extra_batch) if only_extra else [
-        batch_default,
-        dataclasses.replace(batch_default, strategy="reinforce"),
-        dataclasses.replace(batch_default, strategy="unlearn"),
+        dataclasses.replace(batch_default, strategy=strategy) for strategy in ("relabel", "reinforce", "unlearn")
+        if strategy in strategies
     ] + list(extra_batch)
     for config in configs:
         add(run_batch(cases, describe(config, method), lambda c, cfg=config: repair_batch(
@@ -227,7 +230,7 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
             c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
     if only_extra and not upper_bound_only:
         return rows
-    for strategy in () if upper_bound_only else ("reinforce", "relabel", "unlearn") if "per-query" in modes else ():
+    for strategy in () if upper_bound_only or "per-query" not in modes else strategies:
         config = dataclasses.replace(per_query, strategy=strategy)
         add(run_per_query(cases, describe(config, method, per_query=True), lambda c, cfg=config: repair_per_query(
             c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
@@ -266,6 +269,11 @@ def main() -> None:
                         help="extra per-query configs as python dicts of CorrectionConfig fields (tuning)")
     parser.add_argument("--only-extra", action="store_true", help="run only the --batch / --per-query configs")
     parser.add_argument("--upper-bound-only", action="store_true", help="run only the upper-bound rows")
+    parser.add_argument("--per-query-base", default=None,
+                        help="fields over PER_QUERY_CONFIG (python dict) for the per-query rows and their baselines")
+    parser.add_argument("--modes", nargs="+", default=["batch", "per-query"], choices=("batch", "per-query"))
+    parser.add_argument("--strategies", nargs="+", default=["reinforce", "relabel", "unlearn"],
+                        choices=("reinforce", "relabel", "unlearn"))
     parser.add_argument("--no-horizon", action="store_true")
     parser.add_argument("--model-cache", default=None, help="folder to keep trained models between runs (tuning)")
     parser.add_argument("--write", default=None, help="write the markdown tables to this file")
@@ -281,12 +289,15 @@ def main() -> None:
 
     extra_batch = [CorrectionConfig(**ast.literal_eval(spec)) for spec in (args.batch or [])]
     extra_per_query = [ast.literal_eval(spec) for spec in (args.per_query or [])]
+    per_query_base = dataclasses.replace(PER_QUERY_CONFIG, **ast.literal_eval(args.per_query_base or "{}"))
     rows = []
     for method in [] if args.upper_bound_only else args.methods:
-        rows += strategy_rows(cases, method, extra_batch=extra_batch, extra_per_query=extra_per_query,
-                              only_extra=args.only_extra, upper_bound=False)
+        rows += strategy_rows(cases, method, per_query_base=per_query_base, extra_batch=extra_batch,
+                              extra_per_query=extra_per_query, only_extra=args.only_extra, upper_bound=False,
+                              modes=tuple(args.modes), strategies=tuple(args.strategies))
     if not args.only_extra:  # the upper bounds use no influence: once, not per method
-        rows += strategy_rows(cases, args.methods[0], upper_bound_only=True)
+        rows += strategy_rows(cases, args.methods[0], per_query_base=per_query_base, upper_bound_only=True,
+                              modes=tuple(args.modes))
 
     table = pd.DataFrame(rows)
     sections = [f"Seeds {args.seeds}; flagged per seed {counts} (total {sum(len(c.flagged) for c in cases)}).",
