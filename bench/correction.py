@@ -191,14 +191,14 @@ def describe(config: CorrectionConfig, method: str, per_query: bool = False) -> 
 def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CONFIG,
                   per_query_base: CorrectionConfig = PER_QUERY_CONFIG, extra_batch=(), extra_per_query=(),
                   only_extra: bool = False, upper_bound: bool = True, suffix: str = "",
-                  modes: tuple[str, ...] = ("batch", "per-query"), upper_bound_only: bool = False,
+                  modes: tuple[str, ...] = ("batch", "per-query"),
                   strategies: tuple[str, ...] = ("reinforce", "relabel", "unlearn")) -> list[dict]:
     """Every strategy in batch mode (from `batch_base`) and per-query mode (from `per_query_base`),
     each followed by its random baseline with the same config; `extra_batch` (configs) and
     `extra_per_query` (dicts of fields over `per_query_base`) add tuning rows without baselines;
     `only_extra` runs only those. `suffix` is appended to every row label (e.g. " (tuned)").
-    `modes` limits the rows to batch and/or per-query mode (an upper-bound row for each);
-    `upper_bound_only` runs only the upper-bound rows; `strategies` limits the strategy rows."""
+    `modes` limits the rows to batch and/or per-query mode (an upper-bound row for each, see
+    `upper_bound_rows`); `strategies` limits the strategy rows."""
     rows = []
 
     def add(result: dict) -> None:
@@ -207,8 +207,6 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
         print(rows[-1], flush=True)
 
     batch_default = dataclasses.replace(batch_base, method=method)
-    if upper_bound_only:
-        only_extra, extra_batch, extra_per_query = True, (), ()
     configs = [] if "batch" not in modes else list(extra_batch) if only_extra else [
         dataclasses.replace(batch_default, strategy=strategy) for strategy in ("relabel", "reinforce", "unlearn")
         if strategy in strategies
@@ -228,9 +226,9 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
         config = dataclasses.replace(per_query, **spec)
         add(run_per_query(cases, describe(config, method, per_query=True), lambda c, cfg=config: repair_per_query(
             c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
-    if only_extra and not upper_bound_only:
+    if only_extra:
         return rows
-    for strategy in () if upper_bound_only or "per-query" not in modes else strategies:
+    for strategy in strategies if "per-query" in modes else ():
         config = dataclasses.replace(per_query, strategy=strategy)
         add(run_per_query(cases, describe(config, method, per_query=True), lambda c, cfg=config: repair_per_query(
             c.model, c.splits.train, c.flagged, cfg, c.scores[method])))
@@ -238,13 +236,26 @@ def strategy_rows(cases, method: str, batch_base: CorrectionConfig = DEFAULT_CON
             c.model, c.splits.train, c.flagged, cfg, per_query=True)))
         add(run_per_query(cases, f"random baseline, unfiltered ({strategy})", lambda c, cfg=config: repair_random(
             c.model, c.splits.train, c.flagged, cfg, per_query=True, filtered=False)))
-    if upper_bound and "batch" in modes:
-        add(run_batch(cases, "flagged fine-tuning (upper bound, trains on the evaluation data)",
-                      lambda c: repair_flagged_finetune(c.model, c.splits.train, c.flagged, batch_base)))
-    if upper_bound and "per-query" in modes:  # the per-query rows' budget, lr and replay; stops when fixed
-        add(run_per_query(cases, "flagged fine-tuning (upper bound, trains on the evaluation data)",
-                          lambda c: repair_flagged_finetune(c.model, c.splits.train, c.flagged, per_query,
-                                                            per_query=True)))
+    if upper_bound:
+        rows += upper_bound_rows(cases, batch_base, per_query_base, modes, suffix)
+    return rows
+
+
+def upper_bound_rows(cases, batch_base: CorrectionConfig = DEFAULT_CONFIG,
+                     per_query_base: CorrectionConfig = PER_QUERY_CONFIG,
+                     modes: tuple[str, ...] = ("batch", "per-query"), suffix: str = "") -> list[dict]:
+    """Fine-tuning on the flagged examples themselves (no influence): a batch row with `batch_base`'s
+    budget and a per-query row with `per_query_base`'s (stopping once each query is fixed)."""
+    name = "flagged fine-tuning (upper bound, trains on the evaluation data)" + suffix
+    rows = []
+    if "batch" in modes:
+        rows.append(run_batch(cases, name, lambda c: repair_flagged_finetune(c.model, c.splits.train, c.flagged,
+                                                                             batch_base)))
+    if "per-query" in modes:
+        rows.append(run_per_query(cases, name, lambda c: repair_flagged_finetune(
+            c.model, c.splits.train, c.flagged, per_query_base, per_query=True)))
+    for result in rows:
+        print(result, flush=True)
     return rows
 
 
@@ -296,8 +307,7 @@ def main() -> None:
                               extra_per_query=extra_per_query, only_extra=args.only_extra, upper_bound=False,
                               modes=tuple(args.modes), strategies=tuple(args.strategies))
     if not args.only_extra:  # the upper bounds use no influence: once, not per method
-        rows += strategy_rows(cases, args.methods[0], per_query_base=per_query_base, upper_bound_only=True,
-                              modes=tuple(args.modes))
+        rows += upper_bound_rows(cases, per_query_base=per_query_base, modes=tuple(args.modes))
 
     table = pd.DataFrame(rows)
     sections = [f"Seeds {args.seeds}; flagged per seed {counts} (total {sum(len(c.flagged) for c in cases)}).",

@@ -43,6 +43,7 @@ from correction import (  # bench/correction.py
     horizon_sections,
     markdown,
     strategy_rows,
+    upper_bound_rows,
 )
 from torch import nn
 
@@ -273,8 +274,11 @@ def main() -> None:
         rows = []
         for suffix, batch_base, per_query_base, extra_batch, extra_per_query, only_extra in runs:
             for case in cases:
-                results = strategy_rows([case], method, batch_base, per_query_base, extra_batch, extra_per_query,
-                                        only_extra, suffix=suffix, upper_bound_only=args.upper_bound_only)
+                if args.upper_bound_only:
+                    results = upper_bound_rows([case], batch_base, per_query_base, suffix=suffix)
+                else:
+                    results = strategy_rows([case], method, batch_base, per_query_base, extra_batch,
+                                            extra_per_query, only_extra, suffix=suffix)
                 rows += [{**result, "seed": case.seed, "order": (suffix, i)} for i, result in enumerate(results)]
         sections += [(f"Influence method {method}; fix rate pooled over seeds (fix_rate_sd: spread of per-seed "
                       "rates), held-out change mean over seeds (heldout_sd: spread of per-seed means):"),

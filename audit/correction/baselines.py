@@ -79,17 +79,17 @@ def repair_flagged_finetune(model: nn.Module, train: ExampleTable, flagged: Exam
     fits = (predict_logits(model, train.inputs).argmax(dim=1) == train.labels).nonzero().flatten()  # [M]
     replay = fits[torch.randperm(len(fits), generator=generator)[: config.replay_size]]
     if not per_query:
-        return _finetune_on(model, flagged, train, replay, config, config.rounds, stop_when_fixed=False)
-    return [_finetune_on(model, flagged.subset([q]), train, replay, config, config.rounds, stop_when_fixed=True)
+        return _finetune_on(model, flagged, train, replay, config, stop_when_fixed=False)
+    return [_finetune_on(model, flagged.subset([q]), train, replay, config, stop_when_fixed=True)
             for q in range(len(flagged))]
 
 
 def _finetune_on(model: nn.Module, examples: ExampleTable, train: ExampleTable, replay: torch.Tensor,
-                 config: CorrectionConfig, rounds: int, stop_when_fixed: bool) -> RepairResult:
+                 config: CorrectionConfig, stop_when_fixed: bool) -> RepairResult:
     repaired = copy.deepcopy(model)
     history, steps_taken, fixed = [], 0, 0.0
     # without early stopping the rounds are one run of rounds x steps (one optimizer state)
-    chunks = [config.steps] * rounds if stop_when_fixed else [config.steps * rounds]
+    chunks = [config.steps] * config.rounds if stop_when_fixed else [config.steps * config.rounds]
     for round_index, steps in enumerate(chunks, start=1):
         losses = finetune_steps(repaired, examples.inputs, examples.labels, steps, config.lr,
                                 optimizer=config.optimizer, replay_inputs=train.inputs[replay],

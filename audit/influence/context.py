@@ -63,7 +63,11 @@ class Context:
     grads: GradientFunction
     num_classes: int
     progress: bool
-    max_elements: int  # values one per-example gradient tensor may hold (see gradient_elements)
+
+    @property
+    def max_elements(self) -> int:
+        """Values one per-example gradient tensor may hold (see gradient_elements)."""
+        return gradient_elements(self.device, self.dtype.itemsize)
 
     @property
     def gradient_rows(self) -> int:
@@ -131,5 +135,4 @@ def make_context(
     x, _ = collate([train[0]])
     with torch.no_grad():
         num_classes = call_logits(model, {**frozen, **selected}, to_device(x, device)).shape[1]
-    itemsize = next(iter(selected.values())).element_size()
-    return Context(model, config, space, device, grads, num_classes, progress, gradient_elements(device, itemsize))
+    return Context(model, config, space, device, grads, num_classes, progress)
