@@ -108,3 +108,57 @@ def promote(
     use_store(workdir)
     promoted = _run(lambda: promote_version(model, version))
     typer.echo(f"{model} version {promoted} is now @champion")
+
+
+SECRET_ENV = "MODEL_AUDIT_WEBHOOK_SECRET"
+
+
+def _webhook_secret() -> str:
+    import os
+
+    from registry_hooks.webhooks import InvalidDelivery
+
+    secret = os.environ.get(SECRET_ENV, "")
+    if not secret:
+        raise InvalidDelivery(f"Set {SECRET_ENV} to the secret shared by the MLflow webhook and the receiver.")
+    return secret
+
+
+@app.command()
+def serve(
+    workdir: Path = WORKDIR,
+    tracking_uri: str = typer.Option(None, help="MLflow server URL (webhooks need `mlflow server`)."),
+    model: str = typer.Option("digits-classifier", help="Registered model name."),
+    alias: str = typer.Option("champion", help="Alias audited; moving it to a version starts a run."),
+    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot, gradcos)."),
+    min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
+    cron: str = typer.Option("0 * * * *", help="Audit schedule (cron); '' = registry events only."),
+    host: str = typer.Option("127.0.0.1", help="Webhook receiver address."),
+    port: int = typer.Option(8765, help="Webhook receiver port."),
+    receiver_only: bool = typer.Option(False, help="Only the webhook receiver (deployment on a work pool)."),
+) -> None:
+    """Serve the audit-and-correct deployment (schedule + MLflow webhook receiver) until Ctrl-C."""
+    from deploy.service import ServiceSettings
+    from deploy.service import serve as serve_service
+
+    def start() -> None:
+        service = ServiceSettings(workdir=workdir, tracking_uri=tracking_uri, model_name=model, alias=alias,
+                                  method=method, min_fix_rate=min_fix_rate, cron=cron or None, host=host, port=port)
+        serve_service(service, _webhook_secret(), receiver_only)
+
+    _run(start)
+
+
+@app.command("register-webhook")
+def register_webhook_command(
+    tracking_uri: str = typer.Option(..., help="MLflow server URL (a SQL-backed `mlflow server`)."),
+    url: str = typer.Option("http://127.0.0.1:8765/mlflow/webhook", help="Where `model-audit serve` listens."),
+) -> None:
+    """Create or update the MLflow webhook that tells `model-audit serve` when an alias moves."""
+    from mlflow import MlflowClient
+
+    from registry_hooks.webhooks import register_webhook
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # not a registry URI set elsewhere
+    webhook_id = _run(lambda: register_webhook(client, url, _webhook_secret()))
+    typer.echo(f"webhook {webhook_id}: model_version_alias.created -> {url}")

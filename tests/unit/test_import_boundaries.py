@@ -17,3 +17,10 @@ def test_library_imports_no_orchestration_or_tracking_client():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_webhook_receiver_imports_no_orchestration():
+    """registry_hooks/ owns MLflow; what a registry event starts is deploy/'s business."""
+    code = "import sys\nimport registry_hooks.webhooks\nprint('prefect' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,39 @@
+"""Prefect flow `audit-and-correct`: what schedules and registry events run.
+
+It audits the model version an alias points to against whatever flagged batches wait in the
+inbox, then repairs it behind the gates (registering `challenger` only if every gate passes).
+An empty inbox is the normal case for a scheduled run, so it ends the flow without a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow, get_run_logger
+
+from audit.flagged import batch_files
+from flows.audit_flow import audit
+from flows.correct_flow import correct
+from flows.settings import AuditSettings, CorrectionSettings
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """The audit run and, when the audit found something to repair, the correction run."""
+
+    audit_run_id: str
+    correction_run_id: str
+    registered_version: str | None
+
+
+@flow(name="audit-and-correct")
+def audit_and_correct(audit_settings: AuditSettings, correction_settings: CorrectionSettings) -> PipelineResult | None:
+    """Audit `audit_settings.model_name@alias` against the inbox and repair it; None (and no MLflow
+    run) when the inbox holds no flagged batch. Both settings must name the same store."""
+    logger = get_run_logger()
+    if not batch_files(audit_settings.inbox_path):
+        logger.info("inbox %s holds no flagged batch: nothing to audit", audit_settings.inbox_path)
+        return None
+    audited = audit(audit_settings)
+    corrected = correct(correction_settings, audited.run_id)
+    return PipelineResult(audited.run_id, corrected.run_id, corrected.registered_version)

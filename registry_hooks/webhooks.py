@@ -1,0 +1,152 @@
+"""MLflow registry webhooks: register one that calls the audit service, and receive its deliveries.
+
+MLflow (3.3+, `mlflow server` with a SQL backend only) POSTs a JSON envelope
+`{"entity", "action", "timestamp", "data"}` for registry events, signed with HMAC-SHA256 over
+`"<delivery id>.<unix timestamp>.<body>"` (headers X-MLflow-Delivery-Id, X-MLflow-Timestamp,
+X-MLflow-Signature = "v1,<base64 digest>"). The receiver here checks that signature and the
+timestamp's age, turns the delivery into a `RegistryEvent` and hands the events it watches to a
+callback the caller supplies (deploy/ starts a Prefect flow run there); this module knows
+nothing about Prefect.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from mlflow import MlflowClient
+from mlflow.webhooks.constants import (
+    WEBHOOK_DELIVERY_ID_HEADER,
+    WEBHOOK_SIGNATURE_HEADER,
+    WEBHOOK_SIGNATURE_VERSION,
+    WEBHOOK_TIMESTAMP_HEADER,
+)
+
+from audit.errors import AuditError
+
+RECEIVER_PATH = "/mlflow/webhook"
+# A delivery older than this is refused as a possible replay (MLflow retries within seconds).
+MAX_DELIVERY_AGE_S = 300
+# The registry event that starts an audit: an alias (by default `champion`) moved to a version.
+WATCHED_EVENT = "model_version_alias.created"
+
+
+class InvalidDelivery(AuditError):
+    """A webhook request that is not a correctly signed, fresh MLflow delivery."""
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    """One MLflow registry event as delivered: `entity`.`action` (e.g. model_version_alias.created)
+    on `model_name` (and `version` / `alias` when the event has them)."""
+
+    entity: str
+    action: str
+    model_name: str
+    version: str | None
+    alias: str | None
+    delivery_id: str
+
+    @property
+    def kind(self) -> str:
+        return f"{self.entity}.{self.action}"
+
+
+def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
+    """The X-MLflow-Signature value MLflow sends for this delivery: "v1,<base64 HMAC-SHA256>"."""
+    signed = f"{delivery_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+    return f"{WEBHOOK_SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
+
+
+def verify_delivery(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> str:
+    """Check a delivery's signature and age (at most MAX_DELIVERY_AGE_S seconds, `now` in Unix
+    seconds, default the clock); returns its delivery id. Raises InvalidDelivery otherwise."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    delivery_id = lowered.get(WEBHOOK_DELIVERY_ID_HEADER.lower())
+    timestamp = lowered.get(WEBHOOK_TIMESTAMP_HEADER.lower())
+    sent = lowered.get(WEBHOOK_SIGNATURE_HEADER.lower())
+    if not (delivery_id and timestamp and sent):
+        raise InvalidDelivery("The request lacks MLflow's delivery id, timestamp or signature header; "
+                              "register the webhook with a secret.")
+    try:
+        age = (time.time() if now is None else now) - int(timestamp)
+    except ValueError:
+        raise InvalidDelivery(f"The delivery timestamp {timestamp!r} is not Unix seconds.") from None
+    if abs(age) > MAX_DELIVERY_AGE_S:
+        raise InvalidDelivery(f"The delivery is {age:.0f} s old (at most {MAX_DELIVERY_AGE_S} s accepted).")
+    if not hmac.compare_digest(sent, signature(secret, delivery_id, timestamp, body)):
+        raise InvalidDelivery("The delivery's signature does not match the shared secret.")
+    return delivery_id
+
+
+def parse_event(body: bytes, delivery_id: str) -> RegistryEvent:
+    """The RegistryEvent of a verified delivery body; InvalidDelivery if it is not MLflow's envelope."""
+    try:
+        envelope = json.loads(body)
+        data = envelope["data"]
+        return RegistryEvent(entity=str(envelope["entity"]), action=str(envelope["action"]),
+                             model_name=str(data["name"]),
+                             version=None if data.get("version") is None else str(data["version"]),
+                             alias=data.get("alias"), delivery_id=delivery_id)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidDelivery(f"The delivery body is not an MLflow registry event ({exc!r}).") from None
+
+
+def receiver_app(secret: str, on_event: Callable[[RegistryEvent], str], alias: str = "champion",
+                 model_name: str | None = None) -> FastAPI:
+    """An ASGI app that accepts MLflow deliveries at RECEIVER_PATH.
+
+    A correctly signed `model_version_alias.created` event for `alias` (and `model_name`, when
+    given) calls `on_event` and answers 202 with what it returned (e.g. a flow run id); other
+    registry events answer 200 "ignored" (MLflow sends test deliveries too); a bad signature or
+    stale delivery answers 401, a malformed body 400. `on_event` should return quickly: it
+    starts work, it does not do it.
+    """
+    if not secret:
+        raise InvalidDelivery("The webhook receiver needs a non-empty shared secret.")
+    app = FastAPI(title="model-audit MLflow webhook receiver")
+
+    @app.post(RECEIVER_PATH)
+    async def receive(request: Request, response: Response) -> dict:
+        body = await request.body()
+        try:
+            delivery_id = verify_delivery(secret, request.headers, body)
+        except InvalidDelivery as exc:
+            raise HTTPException(status_code=401, detail=str(exc)) from None
+        try:
+            event = parse_event(body, delivery_id)
+        except InvalidDelivery as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        watched = (event.kind == WATCHED_EVENT and event.alias == alias
+                   and (model_name is None or event.model_name == model_name))
+        if not watched:
+            return {"status": "ignored", "event": event.kind}
+        # In a worker thread: on_event may call synchronous clients that refuse a running loop.
+        started = await run_in_threadpool(on_event, event)
+        response.status_code = 202
+        return {"status": "started", "event": event.kind, "model": event.model_name,
+                "version": event.version, "run": started}
+
+    return app
+
+
+def register_webhook(client: MlflowClient, url: str, secret: str, name: str = "model-audit") -> str:
+    """Create (or update, when one named `name` exists) the MLflow webhook that POSTs
+    model_version_alias.created events to `url`, signed with `secret`; returns its id.
+    `client`'s registry URI must be an `mlflow server` with a SQL backend: only the server
+    delivers webhooks."""
+    if not secret:
+        raise InvalidDelivery("A webhook needs a non-empty shared secret so its deliveries can be verified.")
+    events = [WATCHED_EVENT]
+    for existing in client.list_webhooks():
+        if existing.name == name:
+            return client.update_webhook(existing.webhook_id, url=url, events=events, secret=secret).webhook_id
+    return client.create_webhook(name=name, url=url, events=events, secret=secret).webhook_id
