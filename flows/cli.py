@@ -140,10 +140,13 @@ def serve(
     """Serve the audit-and-correct deployment (schedule + MLflow webhook receiver) until Ctrl-C."""
     from deploy.service import ServiceSettings
     from deploy.service import serve as serve_service
+    from flows.settings import AuditSettings, CorrectionSettings
 
     def start() -> None:
-        service = ServiceSettings(workdir=workdir, tracking_uri=tracking_uri, model_name=model, alias=alias,
-                                  method=method, min_fix_rate=min_fix_rate, cron=cron or None, host=host, port=port)
+        service = ServiceSettings(
+            audit=AuditSettings(workdir=workdir, tracking_uri=tracking_uri, model_name=model, alias=alias, method=method),
+            correction=CorrectionSettings(workdir=workdir, tracking_uri=tracking_uri, min_fix_rate=min_fix_rate),
+            cron=cron or None, host=host, port=port)
         serve_service(service, _webhook_secret(), receiver_only)
 
     _run(start)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from deploy.service import ServiceSettings, audit_deployment, start_flow_run
+from flows.settings import AuditSettings, CorrectionSettings
 from registry_hooks.webhooks import RECEIVER_PATH, receiver_app, signature
 
 SECRET = "s3cret-for-tests"
@@ -28,7 +29,8 @@ def signed(data: dict, delivery_id: str) -> tuple[bytes, dict]:
 def test_deployment_carries_the_schedule_and_the_flow_settings(prefect_harness, tmp_path):
     from prefect import get_client
 
-    service = ServiceSettings(workdir=tmp_path, model_name="digits-classifier", cron="*/15 * * * *", method="graddot")
+    service = ServiceSettings(audit=AuditSettings(workdir=tmp_path, method="graddot"),
+                              correction=CorrectionSettings(workdir=tmp_path), cron="*/15 * * * *")
     deployment_id = audit_deployment(service).apply()
     with get_client(sync_client=True) as client:
         stored = client.read_deployment(deployment_id)
@@ -37,7 +39,7 @@ def test_deployment_carries_the_schedule_and_the_flow_settings(prefect_harness, 
     assert stored.parameters["audit_settings"]["method"] == "graddot"
     assert stored.parameters["correction_settings"]["workdir"] == str(tmp_path)
 
-    events_only = ServiceSettings(workdir=tmp_path, cron=None)
+    events_only = ServiceSettings(audit=AuditSettings(workdir=tmp_path), cron=None)
     with get_client(sync_client=True) as client:
         assert client.read_deployment(audit_deployment(events_only).apply()).schedules == []
 
@@ -45,9 +47,9 @@ def test_deployment_carries_the_schedule_and_the_flow_settings(prefect_harness, 
 def test_alias_event_through_the_receiver_creates_one_flow_run_per_delivery(prefect_harness, tmp_path):
     from prefect import get_client
 
-    service = ServiceSettings(workdir=tmp_path, model_name="digits-classifier", cron=None)
+    service = ServiceSettings(audit=AuditSettings(workdir=tmp_path, model_name="digits-classifier"), cron=None)
     deployment_id = audit_deployment(service).apply()
-    client = TestClient(receiver_app(SECRET, partial(start_flow_run, service), model_name=service.model_name))
+    client = TestClient(receiver_app(SECRET, partial(start_flow_run, service), model_name="digits-classifier"))
     data = {"name": "digits-classifier", "alias": "champion", "version": "7"}
 
     first = client.post(RECEIVER_PATH, content=signed(data, "delivery-a")[0], headers=signed(data, "delivery-a")[1])
@@ -71,7 +73,6 @@ def test_pipeline_with_an_empty_inbox_ends_without_any_mlflow_run(prefect_harnes
     from mlflow import MlflowClient
 
     from flows.pipeline import audit_and_correct
-    from flows.settings import AuditSettings, CorrectionSettings
     from registry_hooks.store import tracking_uri
 
     (mlflow_store / "inbox").mkdir()
@@ -83,9 +84,11 @@ def test_pipeline_with_an_empty_inbox_ends_without_any_mlflow_run(prefect_harnes
 
 def test_service_settings_are_checked_at_the_boundary(tmp_path):
     with pytest.raises(ValidationError, match="unknown influence method"):
-        ServiceSettings(workdir=tmp_path, method="nope")
+        ServiceSettings(audit={"workdir": str(tmp_path), "method": "nope"})
     with pytest.raises(ValidationError):
-        ServiceSettings(workdir=tmp_path, min_fix_rate=1.5)
+        ServiceSettings(correction={"workdir": str(tmp_path), "min_fix_rate": 1.5})
+    with pytest.raises(ValidationError):
+        ServiceSettings(port=0)
 
 
 @pytest.mark.parametrize("command", [["serve"], ["register-webhook", "--tracking-uri", "http://127.0.0.1:1"]])
