@@ -144,7 +144,8 @@ def serve(
 
     def start() -> None:
         service = ServiceSettings(
-            audit=AuditSettings(workdir=workdir, tracking_uri=tracking_uri, model_name=model, alias=alias, method=method),
+            audit=AuditSettings(workdir=workdir, tracking_uri=tracking_uri, model_name=model, alias=alias,
+                                method=method),
             correction=CorrectionSettings(workdir=workdir, tracking_uri=tracking_uri, min_fix_rate=min_fix_rate),
             cron=cron or None, host=host, port=port)
         serve_service(service, _webhook_secret(), receiver_only)

@@ -40,11 +40,12 @@ def mlflow_server(tmp_path, migrated_mlflow_db):
     port = free_port()
     env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
            "MLFLOW_WEBHOOK_CACHE_TTL": "0"}
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - the server writes to it until teardown
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--default-artifact-root", (tmp_path / "server-artifacts").as_uri(), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"))
+        env=env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -63,3 +64,4 @@ def mlflow_server(tmp_path, migrated_mlflow_db):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()

@@ -52,7 +52,8 @@ def test_alias_event_through_the_receiver_creates_one_flow_run_per_delivery(pref
     client = TestClient(receiver_app(SECRET, partial(start_flow_run, service), model_name="digits-classifier"))
     data = {"name": "digits-classifier", "alias": "champion", "version": "7"}
 
-    first = client.post(RECEIVER_PATH, content=signed(data, "delivery-a")[0], headers=signed(data, "delivery-a")[1])
+    body, headers = signed(data, "delivery-a")
+    first = client.post(RECEIVER_PATH, content=body, headers=headers)
     assert first.status_code == 202
     body, headers = signed(data, "delivery-a")  # MLflow retrying the same delivery
     assert client.post(RECEIVER_PATH, content=body, headers=headers).json()["run"] == first.json()["run"]
