@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= audit-workdir
 
-.PHONY: demo test test-fast bench ui clean
+.PHONY: demo test test-fast lint bench ui clean
 
 # torch/torchvision are pinned to the releases that pip installs from this machine's disk
 # (other versions download several GB); installed first so the resolver never looks elsewhere.
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check audit flows registry_hooks deploy tests bench
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

@@ -23,7 +23,8 @@ def run_suite(frame: pd.DataFrame, name: str, expectations: Callable[[object], l
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = context.data_sources.add_pandas(name).add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
+    asset = context.data_sources.add_pandas(name).add_dataframe_asset(name)
+    batch = asset.add_batch_definition_whole_dataframe("whole")
     suite = context.suites.add(gx.ExpectationSuite(name=name))
     for expectation in expectations(gx.expectations):
         suite.add_expectation(expectation)

@@ -33,7 +33,8 @@ prediction are the usual suspects for label noise.</p>
 {% if section.image %}<img alt="{{ section.heading }}" src="data:image/png;base64,{{ section.image }}">{% endif %}
 {% if section.table is not none %}
 <table><tr>{% for c in section.table.columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for row in section.table.itertuples(index=False) %}<tr>{% for v in row %}<td>{{ v | cell }}</td>{% endfor %}</tr>{% endfor %}
+{% for row in section.table.itertuples(index=False) %}<tr>
+{%- for v in row %}<td>{{ v | cell }}</td>{% endfor %}</tr>{% endfor %}
 </table>{% endif %}
 {% endfor %}
 </body></html>
@@ -59,7 +60,7 @@ def image_grid(images: torch.Tensor, captions: list[str], columns: int = 10):
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.35), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, caption in zip(axes.flat, images, captions):
+    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
         ax.imshow(image.reshape(image.shape[-2], image.shape[-1]).numpy(), cmap="gray_r")
         ax.set_title(caption, fontsize=7)
     fig.tight_layout()

@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py                 # 10 seeds, ~70 min on one loaded core
     OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py --seeds 0 1 2   # quicker
-    OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py --write /tmp/correction.md   (then merge into bench/RESULTS.md)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/correction.py --write /tmp/correction.md
+    (then merge into bench/RESULTS.md)
 
 Per seed: `load_digits_splits(0.1, seed)`, SmallResNet trained with the default TrainConfig,
 flagged = mispredictions on the production split with reviewer labels = true labels, held-out =
@@ -154,7 +155,7 @@ def candidate_precision(cases, method: str, k: int) -> dict:
         frame = propose_corrections(case.scores[method], case.splits.train, case.flagged, predicted, None, k=k,
                                     train_probs=probs)
         relabel = frame[frame["action"] == "relabel"]
-        g, n = precision(case, dict(zip(relabel["train_id"], relabel["proposed_label"].astype(int))))
+        g, n = precision(case, dict(zip(relabel["train_id"], relabel["proposed_label"].astype(int), strict=True)))
         good, total = good + g, total + n
         removed += int((frame["action"] == "remove").sum())
         review += int((frame["action"] == "review").sum())

@@ -196,8 +196,9 @@ def build_case(seed: int, data: dict, args, make_model=None, model_path: str | N
 
 
 def aggregate(rows: list[dict]) -> pd.DataFrame:
-    """Per-seed rows (with `seed`, and `order`: the same for one config on every seed) -> one row per config: pooled fixed counts and
-    precision, mean and standard deviation over seeds of the fix rate and held-out change."""
+    """Per-seed rows (with `seed`, and `order`: the same for one config on every seed) -> one row per
+    config: pooled fixed counts and precision, mean and standard deviation over seeds of the fix rate
+    and held-out change."""
     frame = pd.DataFrame(rows)
     frame["n_fixed"] = frame["fixed"].str.split("/").str[0].astype(int)
     frame["n_flagged"] = frame["fixed"].str.split("/").str[1].astype(int)
@@ -233,11 +234,13 @@ def main() -> None:
     parser.add_argument("--train-lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--tuned-batch", default=TUNED_BATCH,
-                        help="CorrectionConfig fields (python dict) over the default for the tuned batch rows; '' = none")
+                        help="CorrectionConfig fields (python dict) over the default for the tuned batch rows; "
+                             "'' = none")
     parser.add_argument("--tuned-per-query", default=TUNED_PER_QUERY,
                         help="fields over PER_QUERY_CONFIG for the tuned per-query rows; '' = none")
     parser.add_argument("--batch", nargs="*", default=[], help="extra batch configs (dicts over the default)")
-    parser.add_argument("--per-query", nargs="*", default=[], help="extra per-query configs (dicts over PER_QUERY_CONFIG)")
+    parser.add_argument("--per-query", nargs="*", default=[],
+                        help="extra per-query configs (dicts over PER_QUERY_CONFIG)")
     parser.add_argument("--only-extra", action="store_true", help="run only the --batch / --per-query configs")
     parser.add_argument("--no-default", action="store_true", help="skip the library-default rows")
     parser.add_argument("--upper-bound-only", action="store_true", help="run only the upper-bound rows")

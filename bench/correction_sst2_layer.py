@@ -139,7 +139,9 @@ class LastLayerClassifier(nn.Module):
         """Pooled, normalised sentence embeddings [B, 384] from h [B, T, 384], m [B, T]."""
         b, t, _ = h.shape
         d = HIDDEN // self.heads
-        split = lambda z: z.reshape(b, t, self.heads, d).transpose(1, 2)  # [B, H, T, d]
+        def split(z: torch.Tensor) -> torch.Tensor:  # [B, T, 384] -> [B, H, T, d]
+            return z.reshape(b, t, self.heads, d).transpose(1, 2)
+
         q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + additive_mask(m, h.dtype), dim=-1)
         ctx = (attn @ v).transpose(1, 2).reshape(b, t, HIDDEN)
@@ -215,13 +217,12 @@ def per_query_rows(case, method: str, config: CorrectionConfig, strategies, no_b
     for strategy in strategies:
         cfg = dataclasses.replace(config, strategy=strategy)
         label = describe(cfg, method, per_query=True) + ("" if rescore else " scores fixed")
-        if rescore:
-            fn = lambda c, cfg=cfg: repair_per_query(c.model, c.splits.train, c.flagged, cfg, c.scores[method])
-        else:
-            fn = lambda c, cfg=cfg: [repair_rounds(c.model, c.splits.train, c.flagged.subset([q]), cfg,
-                                          c.scores[method][q : q + 1], fixed_scorer(c.scores[method][q : q + 1]),
-                                          frozenset(c.flagged.ids))
-                            for q in range(len(c.flagged))]
+        def fn(c, cfg=cfg):
+            if rescore:
+                return repair_per_query(c.model, c.splits.train, c.flagged, cfg, c.scores[method])
+            return [repair_rounds(c.model, c.splits.train, c.flagged.subset([q]), cfg, c.scores[method][q : q + 1],
+                                  fixed_scorer(c.scores[method][q : q + 1]), frozenset(c.flagged.ids))
+                    for q in range(len(c.flagged))]
         rows.append(run_per_query([case], label, fn))
         print(rows[-1], flush=True)
         if not no_baselines:
@@ -289,7 +290,7 @@ def main() -> None:
         rows = []
         for b, text in enumerate(batch_specs):
             base = dataclasses.replace(CorrectionConfig(), **spec(text))
-            configs = [base, dataclasses.replace(base, strategy="reinforce"), dataclasses.replace(base, strategy="unlearn")]
+            configs = [base] + [dataclasses.replace(base, strategy=s) for s in ("reinforce", "unlearn")]
             for case in cases:
                 results = strategy_rows([case], method, base, PER_QUERY_CONFIG,
                                         extra_batch=configs if args.no_baselines else (),

@@ -12,7 +12,7 @@ import math
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -26,8 +26,8 @@ from audit.examples import ExampleTable
 from audit.findings import influence_table, self_influence_table
 from audit.flagged import batch_digest, batch_files, flagged_table, read_batch_file
 from audit.influence import influence_scores, self_influence, top_influences
-from audit.training import predict_logits
 from audit.report import image_grid, png_data, render_report, section
+from audit.training import predict_logits
 from audit.validation import BatchValidation, validate_flagged_frame
 from flows.settings import AuditSettings
 from registry_hooks import audit_log
@@ -65,7 +65,7 @@ def validate_flagged(files: list[Path], frame: pd.DataFrame, spec: ModelSpec, wo
     and fail with a sentence naming the failed checks."""
     result = validate_flagged_frame(frame, spec.num_classes, math.prod(spec.input_shape))
     if not result.success:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         quarantine = workdir / "quarantine" / stamp
         quarantine.mkdir(parents=True)
         for f in files:
@@ -92,12 +92,14 @@ def score_queries(model: torch.nn.Module, train: ExampleTable, flagged: ExampleT
     """Influence [Q, N] of every training example on every flagged example, and self-influence [N].
     The fitted curvature is cached in `cache_dir` (keyed by model, data and method), so the
     second call and later audits of the same version reuse it."""
-    scores = influence_scores(model, train.dataset(), flagged.dataset(), method=method, cache_dir=cache_dir, progress=False)
+    scores = influence_scores(model, train.dataset(), flagged.dataset(), method=method, cache_dir=cache_dir,
+                              progress=False)
     self_scores = self_influence(model, train.dataset(), method=method, cache_dir=cache_dir, progress=False)
     return scores, self_scores
 
 
-def _proponent_grid(scores: torch.Tensor, flagged: ExampleTable, predicted: torch.Tensor, train: ExampleTable, per_side: int = 4):
+def _proponent_grid(scores: torch.Tensor, flagged: ExampleTable, predicted: torch.Tensor, train: ExampleTable,
+                    per_side: int = 4):
     """Figure: per flagged example, itself then its top harmful and top helpful training images."""
     shown = min(len(flagged), 20)
     top = top_influences(scores[:shown], per_side)
@@ -131,7 +133,8 @@ def log_audit(settings: AuditSettings, loaded: LoadedModel, training: TrainingDa
         mlflow.log_params({"method": settings.method, "top_k": settings.top_k, "n_flagged": len(flagged),
                            "n_train": len(train), "train_digest": training.digests["train"]})
         mlflow.log_metrics({"n_flagged": len(flagged), "n_candidates": len(candidates),
-                            "n_relabel_candidates": int((candidates["action"] == "relabel").sum()) if len(candidates) else 0})
+                            "n_relabel_candidates":
+                                int((candidates["action"] == "relabel").sum()) if len(candidates) else 0})
         audit_log.log_tables({"influence": influence, "self_influence": self_table,
                               "correction_candidates": candidates, "flagged": frame})
         audit_log.log_json(validation.result, "flagged_validation.json")

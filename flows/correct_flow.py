@@ -127,7 +127,7 @@ def correction_report(path: Path, inputs: AuditInputs, gates: GateReport, repair
                                 "passed": g.passed, "reason": g.reason} for g in gates.results])
     edits = tables["relabels"].copy()
     if len(edits):
-        current = dict(zip(inputs.train.ids, inputs.train.labels.tolist()))
+        current = dict(zip(inputs.train.ids, inputs.train.labels.tolist(), strict=True))
         edits.insert(1, "current_label", [current[i] for i in edits["train_id"]])
     return render_report(
         path, title=f"Correction of {loaded.name} version {loaded.version}",
@@ -162,8 +162,8 @@ def relabel_precision(relabels: dict[str, int], noise: pd.DataFrame) -> float | 
     """Fraction of applied relabels that restore a flipped label to its clean value (demo only)."""
     if not relabels:
         return None
-    clean = dict(zip(noise["example_id"], noise["clean_label"]))
-    noisy = dict(zip(noise["example_id"], noise["noisy_label"]))
+    clean = dict(zip(noise["example_id"], noise["clean_label"], strict=True))
+    noisy = dict(zip(noise["example_id"], noise["noisy_label"], strict=True))
     hits = sum(1 for i, y in relabels.items() if clean[i] != noisy[i] and clean[i] == y)
     return hits / len(relabels)
 
@@ -178,7 +178,8 @@ def relabelled(train: ExampleTable, relabels: dict[str, int]) -> ExampleTable:
 
 
 @flow(name="correct")
-def correct(settings: CorrectionSettings, audit_run_id: str, config: CorrectionConfig | None = None) -> CorrectionResult:
+def correct(settings: CorrectionSettings, audit_run_id: str,
+            config: CorrectionConfig | None = None) -> CorrectionResult:
     """Repair the model an audit run looked at, gate it, and register it as `challenger` if every
     gate passes (gates.json and report.html are logged before any registry call)."""
     logger = get_run_logger()
@@ -202,7 +203,8 @@ def correct(settings: CorrectionSettings, audit_run_id: str, config: CorrectionC
             if onnx_path.exists():
                 mlflow.log_artifact(str(onnx_path), artifact_path="onnx")
             metrics = gates.metrics()
-            noise_precision = relabel_precision(repaired.relabels, inputs.label_noise) if inputs.label_noise is not None else None
+            noise_precision = (relabel_precision(repaired.relabels, inputs.label_noise)
+                               if inputs.label_noise is not None else None)
             if noise_precision is not None:
                 metrics["relabel_precision"] = noise_precision
             metrics.update({"steps_taken": repaired.steps_taken, "rounds": repaired.rounds,

@@ -5,7 +5,7 @@ then run the `audit` and `correct` flows on the mispredictions. Everything stays
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -78,7 +78,7 @@ def simulate_production(model_version: str, splits: DigitsSplits, inbox: Path) -
     predicted = predict_logits(loaded.model, splits.production.inputs).argmax(1)
     wrong = (predicted != splits.production.labels).nonzero().flatten().tolist()
     flagged = splits.production.subset(wrong)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     write_batch(flagged_frame(flagged, predicted[wrong], source="demo-production"), inbox / f"flagged-{stamp}.parquet")
     return len(splits.production), len(wrong)
 

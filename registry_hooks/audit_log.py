@@ -45,5 +45,6 @@ def log_files(paths: list[Path], artifact_dir: str = AUDIT_DIR) -> None:
 def load_table(run_id: str, name: str, artifact_dir: str = AUDIT_DIR) -> pd.DataFrame:
     """Read back `<artifact_dir>/<name>.parquet` of a run."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{artifact_dir}/{name}.parquet", dst_path=tmp)
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{artifact_dir}/{name}.parquet",
+                                                    dst_path=tmp)
         return pd.read_parquet(local)

@@ -36,7 +36,7 @@ def log_training_data(train: ExampleTable, validation: ExampleTable) -> dict[str
     """Log both splits into the active run as Parquet artifacts and dataset inputs; returns digests."""
     digests = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for split, table in zip(SPLITS, (train, validation)):
+        for split, table in zip(SPLITS, (train, validation), strict=True):
             frame = pixel_frame(table)
             path = Path(tmp) / f"{split}.parquet"
             frame.to_parquet(path, index=False)
@@ -61,11 +61,14 @@ def recover_training_data(run_id: str, input_shape: tuple[int, ...]) -> Training
     with tempfile.TemporaryDirectory() as tmp:
         for split in SPLITS:
             if split not in recorded:
-                raise LineageError(f"Run {run_id} records no `{split}` dataset input; cannot recover its training data.")
+                raise LineageError(f"Run {run_id} records no `{split}` dataset input; "
+                                   "cannot recover its training data.")
             try:
-                local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"data/{split}.parquet", dst_path=tmp)
+                local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"data/{split}.parquet",
+                                                            dst_path=tmp)
             except Exception as exc:
-                raise LineageError(f"Run {run_id} has no artifact data/{split}.parquet to recover its {split} data from.") from exc
+                raise LineageError(f"Run {run_id} has no artifact data/{split}.parquet "
+                                   f"to recover its {split} data from.") from exc
             frame = pd.read_parquet(local)
             found = content_digest(frame)
             if found != recorded[split]:
@@ -98,4 +101,5 @@ def load_label_noise(run_id: str) -> pd.DataFrame | None:
     if NOISE_ARTIFACT not in names:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        return pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=NOISE_ARTIFACT, dst_path=tmp))
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=NOISE_ARTIFACT, dst_path=tmp)
+        return pd.read_parquet(local)

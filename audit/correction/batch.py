@@ -8,7 +8,7 @@ flagged examples themselves are never trained on.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

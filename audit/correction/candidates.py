@@ -74,11 +74,14 @@ def propose_label(
         return reviewer, f"the reviewer labelled the harmed quer{plural} {reviewer}"
     guess, confidence = int(probs.argmax()), float(probs.max())
     if guess != current and confidence >= min_confidence:
-        source = "and so did the reviewer for the harmed quer" + plural if guess == reviewer else "(the reviewer's label does not fit it)"
+        source = ("and so did the reviewer for the harmed quer" + plural if guess == reviewer
+                  else "(the reviewer's label does not fit it)")
         return guess, f"the model predicts {guess} with probability {confidence:.2f} {source}"
     if guess == reviewer:
-        return reviewer, f"the reviewer labelled the harmed quer{plural} {reviewer} and the model agrees (probability {confidence:.2f})"
-    return None, f"the model is unsure (predicts {guess} with probability {confidence:.2f}) and disagrees with the reviewer's {reviewer}"
+        return reviewer, (f"the reviewer labelled the harmed quer{plural} {reviewer} and the model agrees "
+                          f"(probability {confidence:.2f})")
+    return None, (f"the model is unsure (predicts {guess} with probability {confidence:.2f}) and disagrees with "
+                  f"the reviewer's {reviewer}")
 
 
 def propose_corrections(
@@ -112,7 +115,8 @@ def propose_corrections(
     if scores.shape != (q, n):
         raise InvalidInput(f"scores must have shape [flagged, train] = [{q}, {n}]; found {list(scores.shape)}.")
     if predicted.shape != (q,):
-        raise InvalidInput(f"predicted must hold one label per flagged example ({q}); found shape {list(predicted.shape)}.")
+        raise InvalidInput(f"predicted must hold one label per flagged example ({q}); "
+                           f"found shape {list(predicted.shape)}.")
     if self_scores is not None and self_scores.shape != (n,):
         raise InvalidInput(f"self_scores must have shape [{n}]; found {list(self_scores.shape)}.")
     if train_probs is not None and train_probs.shape[0] != n:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ def finetune_steps(
     The model is left in eval mode.
     """
     if len(inputs) != len(labels):
-        raise InvalidInput(f"finetune_steps needs one label per input; found {len(inputs)} inputs and {len(labels)} labels.")
+        raise InvalidInput(f"finetune_steps needs one label per input; found {len(inputs)} inputs "
+                           f"and {len(labels)} labels.")
     has_ascent = ascent_inputs is not None and len(ascent_inputs) > 0
     has_replay = replay_inputs is not None and len(replay_inputs) > 0
     if len(inputs) == 0 and not has_ascent and not has_replay:
@@ -61,7 +62,8 @@ def finetune_steps(
             loss = loss - per_example.clamp(max=ascent_bound).mean()
         if not torch.isfinite(loss):
             model.eval()
-            raise NumericalError(f"Fine-tuning loss became {loss.item()} at step {step}; lower the learning rate (now {lr}).")
+            raise NumericalError(f"Fine-tuning loss became {loss.item()} at step {step}; "
+                                 f"lower the learning rate (now {lr}).")
         history.append(loss.item())
         loss.backward()
         opt.step()

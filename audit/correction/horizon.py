@@ -62,7 +62,8 @@ def influence_horizon(
             copy_ = copy.deepcopy(model)
             finetune_steps(copy_, train.inputs[subset], train.labels[subset], horizon[-1], config.lr,
                            optimizer=config.optimizer,
-                           callback=lambda s: losses.__setitem__(s, _loss(copy_, x, y)) if s in actual else None)
+                           # called during this iteration only, so the loop variables are the current ones
+                           callback=lambda s: losses.__setitem__(s, _loss(copy_, x, y)) if s in actual else None)  # noqa: B023
             for s in horizon:
                 actual[s].append(losses[s] - before)
     rows = []

@@ -10,8 +10,8 @@ Replay (a random sample of the training set with its current labels) is added by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from audit.influence.context import Context
 
 
-def _update(h: "hashlib._Hash", t: torch.Tensor) -> None:
+def _update(h: hashlib._Hash, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():

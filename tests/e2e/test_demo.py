@@ -53,7 +53,8 @@ def test_demo_logs_the_audit_and_correction_artifacts(demo_result):
     client = MlflowClient()
     audit_files = {a.path for a in client.list_artifacts(demo_result.audit.run_id, "audit")}
     assert {"audit/report.html", "audit/influence.parquet", "audit/self_influence.parquet",
-            "audit/correction_candidates.parquet", "audit/flagged_validation.json", "audit/influence_grid.png"} <= audit_files
+            "audit/correction_candidates.parquet", "audit/flagged_validation.json",
+            "audit/influence_grid.png"} <= audit_files
     correction = demo_result.correction.run_id
     assert [a.path for a in client.list_artifacts(correction, "onnx")] == ["onnx/model.onnx"]
     assert {"correction/influence_horizon.png", "correction/influence_horizon.parquet", "correction/report.html",

@@ -45,7 +45,7 @@ def test_bounded_ascent_stops_once_every_example_is_past_the_bound():
     # bound below every example's loss: the clipped objective is flat, nothing may move
     finetune_steps(model, x[:0], y[:0], steps=5, lr=0.5, ascent_inputs=x, ascent_labels=y,
                    ascent_bound=float(losses.min()) * 0.5)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     # a bound above: ascent raises the loss
     finetune_steps(model, x[:0], y[:0], steps=5, lr=0.5, ascent_inputs=x, ascent_labels=y, ascent_bound=50.0)
     assert nn.functional.cross_entropy(model(x), y).item() > losses.mean().item()

@@ -9,8 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from audit.correction import (PER_QUERY_CONFIG, CorrectionConfig, influence_horizon, repair_batch,
-                              repair_per_query)
+from audit.correction import PER_QUERY_CONFIG, CorrectionConfig, influence_horizon, repair_batch, repair_per_query
 from audit.correction.baselines import repair_flagged_finetune, repair_random
 from audit.digits import load_digits_splits
 from audit.errors import InvalidInput
@@ -73,7 +72,7 @@ def test_repair_batch_is_deterministic_and_stops_at_the_target(setup):
     first = repair_batch(model, train_table, flagged, CorrectionConfig(), scores)
     again = repair_batch(model, train_table, flagged, CorrectionConfig(), scores)
     assert first.selected_ids == again.selected_ids and first.relabels == again.relabels
-    assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), again.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), again.model.parameters(), strict=True))
     reached = first.history[0]["fixed_fraction"]
     assert reached > 0
     early = repair_batch(model, train_table, flagged, CorrectionConfig(target_fix_rate=reached), scores)
@@ -104,7 +103,7 @@ def test_repair_per_query_repairs_each_query_and_beats_random_examples(setup):
     randoms = repair_random(model, train_table, flagged, config, per_query=True)
     assert len(results) == len(randoms) == len(flagged)
     gains, random_gains = [], []
-    for q, (result, rand) in enumerate(zip(results, randoms)):
+    for q, (result, rand) in enumerate(zip(results, randoms, strict=True)):
         query = flagged.subset([q])
         assert not set(flagged.ids) & set(result.selected_ids + rand.selected_ids)
         gains.append((_reviewer_logprob(result.model, query) - _reviewer_logprob(model, query)).item())
@@ -127,7 +126,7 @@ def test_flagged_finetune_per_query_stops_when_fixed_and_keeps_the_input_model_o
     results = repair_flagged_finetune(model, train_table, flagged, config, per_query=True)
     assert len(results) == len(flagged)
     fixed = [_fixed(r.model, flagged.subset([q])) for q, r in enumerate(results)]
-    for result, ok in zip(results, fixed):
+    for result, ok in zip(results, fixed, strict=True):
         assert 1 <= result.rounds <= config.rounds
         if ok:  # stopped after the first round that fixed it
             assert result.history[-1]["fixed_fraction"] == 1.0 and result.steps_taken == result.rounds * config.steps
@@ -135,7 +134,7 @@ def test_flagged_finetune_per_query_stops_when_fixed_and_keeps_the_input_model_o
         else:
             assert result.rounds == config.rounds and result.steps_taken == 0
             assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(),
-                                                         model.state_dict().values()))
+                                                         model.state_dict().values(), strict=True))
     assert sum(fixed) >= len(flagged) // 2
 
 

@@ -174,7 +174,8 @@ def test_importing_the_gates_keeps_heavy_libraries_out():
 
     code = (
         "import sys, audit.gates; "
-        "print(sorted(m for m in ('great_expectations', 'onnxruntime', 'onnx', 'mlflow', 'prefect') if m in sys.modules))"
+        "print(sorted(m for m in ('great_expectations', 'onnxruntime', 'onnx', 'mlflow', 'prefect') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from audit.influence import compute_influence, influence_scores, InfluenceConfig
+from audit.influence import InfluenceConfig, compute_influence, influence_scores
 
 N_TRAIN, N_LOO, N_QUERIES = 200, 100, 5
 L2 = 1e-2  # objective: mean CE + L2/2 |theta|^2, so damping=L2 makes the curvature exact

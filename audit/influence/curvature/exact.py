@@ -78,9 +78,9 @@ def hessian_matrix(ctx: Context, data: Dataset, n: int) -> torch.Tensor:
     total = torch.zeros(space.dim, space.dim, dtype=torch.float64, device=ctx.device)
     for inputs, labels in ctx.batches(data, "exact: Hessian"):
 
-        def batch_loss(flat: torch.Tensor) -> torch.Tensor:
-            logits = grads.forward(space.unflatten(flat), inputs)
-            return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+        def batch_loss(flat: torch.Tensor) -> torch.Tensor:  # used within this iteration only
+            logits = grads.forward(space.unflatten(flat), inputs)  # noqa: B023
+            return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")  # noqa: B023
 
         try:
             total += hessian(batch_loss)(theta).to(torch.float64)
