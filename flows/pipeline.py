@@ -19,7 +19,8 @@ from flows.settings import AuditSettings, CorrectionSettings
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """The audit run and, when the audit found something to repair, the correction run."""
+    """The audit run, the correction run that followed it, and the version the correction
+    registered as `challenger` (None when a gate failed)."""
 
     audit_run_id: str
     correction_run_id: str
