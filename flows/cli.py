@@ -15,6 +15,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Audit and repair classifiers registered in MLflow.")
 
 WORKDIR = typer.Option(Path("audit-workdir"), "--workdir", help="Holds mlflow.db, mlruns and the inbox.")
+# Commands that read a store refuse a workdir that does not exist, instead of creating an empty
+# one and then reporting that nothing is in it; only `demo` creates one.
+EXISTING_WORKDIR = typer.Option(Path("audit-workdir"), "--workdir", exists=True, file_okay=False,
+                                help="Holds mlflow.db, mlruns and the inbox (must exist; `demo` creates one).")
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -61,7 +65,7 @@ def demo(
 
 @app.command("audit")
 def audit_command(
-    workdir: Path = WORKDIR,
+    workdir: Path = EXISTING_WORKDIR,
     model: str = typer.Option("digits-classifier", help="Registered model name."),
     alias: str = typer.Option("champion", help="Alias of the version to audit."),
     inbox: Path = typer.Option(None, help="Flagged batch file or folder (default <workdir>/inbox)."),
@@ -80,14 +84,22 @@ def audit_command(
 @app.command("correct")
 def correct_command(
     audit_run_id: str = typer.Argument(..., help="Run id of an audit."),
-    workdir: Path = WORKDIR,
+    workdir: Path = EXISTING_WORKDIR,
     min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
+    candidates: str = typer.Option(None, help="Repair candidates tried in order, comma-separated "
+                                              "(relabel, relabel-wide, relabel-wide-gentle, relabel-reinforce)."),
+    selection_fraction: float = typer.Option(1 / 3, help="Share of the validation split that selects a candidate."),
 ) -> None:
-    """Repair the audited model; registers @challenger only if every gate passes."""
+    """Search for a repair of the audited model; registers @challenger only if every gate passes."""
     from flows.correct_flow import correct
     from flows.settings import CorrectionSettings
 
-    result = _run(lambda: correct(CorrectionSettings(workdir=workdir, min_fix_rate=min_fix_rate), audit_run_id))
+    def settings() -> CorrectionSettings:
+        named = {"candidates": tuple(c.strip() for c in candidates.split(","))} if candidates else {}
+        return CorrectionSettings(workdir=workdir, min_fix_rate=min_fix_rate, selection_fraction=selection_fraction,
+                                  **named)
+
+    result = _run(lambda: correct(settings(), audit_run_id))
     if result.registered_version:
         typer.echo(f"correction run {result.run_id}: registered version {result.registered_version} as @challenger")
     else:
@@ -97,16 +109,21 @@ def correct_command(
 
 @app.command()
 def promote(
-    workdir: Path = WORKDIR,
+    workdir: Path = EXISTING_WORKDIR,
     model: str = typer.Option("digits-classifier", help="Registered model name."),
     version: str = typer.Option(None, help="Version to promote (default: @challenger)."),
+    force: bool = typer.Option(False, help="Allow a rollback to a version older than the champion."),
+    reason: str = typer.Option(None, help="Why the rollback (required with --force; kept as a version tag)."),
 ) -> None:
-    """Move @champion to a gated version after re-checking its gates tag."""
+    """Move @champion to a gated version after re-checking its gates tag (never backwards without --force)."""
     from registry_hooks.registry import promote as promote_version
     from registry_hooks.store import use_store
 
     use_store(workdir)
-    promoted = _run(lambda: promote_version(model, version))
+    if force and not (reason and reason.strip()):
+        typer.echo("error: --force needs --reason saying why the rollback.", err=True)
+        raise typer.Exit(code=2)
+    promoted = _run(lambda: promote_version(model, version, force_reason=reason if force else None))
     typer.echo(f"{model} version {promoted} is now @champion")
 
 

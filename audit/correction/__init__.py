@@ -5,8 +5,9 @@ examples (Schioppa et al. 2023: influence predicts a short stretch of training w
     candidates = propose_corrections(S, train, flagged, predicted, self_scores, k=10, train_probs=P)
     result = repair_batch(model, train, flagged, CorrectionConfig())   # result.model: repaired copy
 
-Stages: `propose_corrections` (candidates table for the audit), `repair_batch` (the model that
-gets registered, behind audit.gates), `repair_per_query` (measurement protocol),
+Stages: `propose_corrections` (candidates table for the audit), `repair_batch` (one repaired
+model), `search_repairs` (an ordered set of repair candidates compared on a selection split: the
+one the correct flow gates and registers), `repair_per_query` (measurement protocol),
 `influence_horizon` (how many steps the influence estimate can be trusted) and `trusted_steps`
 (the step budget it supports). Baselines for the
 benchmark live in `audit.correction.baselines`.
@@ -18,9 +19,23 @@ from audit.correction.config import CorrectionConfig, RepairResult
 from audit.correction.finetune import finetune_steps
 from audit.correction.horizon import influence_horizon, trusted_steps
 from audit.correction.per_query import PER_QUERY_CONFIG, repair_per_query
+from audit.correction.search import (
+    DEFAULT_CANDIDATES,
+    CandidateOutcome,
+    RepairCandidate,
+    SearchResult,
+    search_repairs,
+    selection_split,
+)
 
 __all__ = [
+    "DEFAULT_CANDIDATES",
+    "CandidateOutcome",
     "CorrectionConfig",
+    "RepairCandidate",
+    "SearchResult",
+    "search_repairs",
+    "selection_split",
     "PER_QUERY_CONFIG",
     "RepairResult",
     "finetune_steps",

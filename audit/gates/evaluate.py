@@ -21,6 +21,16 @@ from audit.gates.report import GateReport
 from audit.training import predict_logits
 
 
+def evaluate_prediction_gates(
+    champion: nn.Module, candidate: nn.Module, flagged: ExampleTable, heldout: ExampleTable, canary: ExampleTable,
+    num_classes: int, thresholds: GateThresholds,
+) -> GateReport:
+    """The gates that need only predictions: fix_rate, heldout_accuracy, class_recall and
+    canary_flips, in that order (arguments as in `evaluate_gates`). The repair search compares
+    candidates with these on its selection split."""
+    return _evaluate(champion, candidate, flagged, heldout, canary, num_classes, thresholds, onnx_path=None)
+
+
 def evaluate_gates(
     champion: nn.Module, candidate: nn.Module, flagged: ExampleTable, heldout: ExampleTable, canary: ExampleTable,
     num_classes: int, thresholds: GateThresholds, onnx_path: Path,
@@ -35,6 +45,13 @@ def evaluate_gates(
     Gates: fix_rate, heldout_accuracy, class_recall, canary_flips, onnx_parity, evaluation_table.
     Raises InvalidInput for an empty table or num_classes < 2.
     """
+    return _evaluate(champion, candidate, flagged, heldout, canary, num_classes, thresholds, Path(onnx_path))
+
+
+def _evaluate(
+    champion: nn.Module, candidate: nn.Module, flagged: ExampleTable, heldout: ExampleTable, canary: ExampleTable,
+    num_classes: int, thresholds: GateThresholds, onnx_path: Path | None,
+) -> GateReport:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise InvalidInput(f"num_classes must be an integer >= 2 (the model's output width); got {num_classes!r}.")
     for name, table in (("flagged", flagged), ("heldout", heldout), ("canary", canary)):
@@ -53,12 +70,16 @@ def evaluate_gates(
     t = thresholds
     results = (
         fix_rate_gate(before["flagged"], after["flagged"], flagged.labels, t.min_fix_rate),
-        accuracy_gate(before["heldout"], after["heldout"], heldout.labels, t.max_accuracy_drop_points),
-        class_recall_gate(
-            before["heldout"], after["heldout"], heldout.labels, num_classes, t.max_class_recall_drop_points
-        ),
+        accuracy_gate(before["heldout"], after["heldout"], heldout.labels, t.max_accuracy_drop_points,
+                      t.harm_significance, t.harm_resolution_examples),
+        class_recall_gate(before["heldout"], after["heldout"], heldout.labels, num_classes,
+                          t.max_class_recall_drop_points, t.harm_significance, t.harm_resolution_examples),
         canary_gate(before["canary"], after["canary"], canary.labels, t.max_canary_flip_rate),
-        onnx_parity_gate(candidate, heldout.inputs, Path(onnx_path), t.onnx_rtol, t.onnx_atol),
+    )
+    if onnx_path is None:
+        return GateReport(results, thresholds)
+    results += (
+        onnx_parity_gate(candidate, heldout.inputs, onnx_path, t.onnx_rtol, t.onnx_atol),
         evaluation_table_gate(
             evaluation_frame(
                 {

@@ -62,16 +62,20 @@ class GateReport:
     def metrics(self) -> dict[str, float]:
         """MLflow metrics of the correction run: fix_rate, heldout_accuracy_before/_after
         (fractions in [0, 1]), max_class_recall_drop (points), canary_flip_rate (fraction),
-        onnx_max_abs_diff (NaN when the export or the onnxruntime run failed)."""
-        accuracy = self.result("heldout_accuracy")
-        return {
-            "fix_rate": self.result("fix_rate").after,
-            "heldout_accuracy_before": float(accuracy.before),
-            "heldout_accuracy_after": accuracy.after,
-            "max_class_recall_drop": self.result("class_recall").after,
-            "canary_flip_rate": self.result("canary_flips").after,
-            "onnx_max_abs_diff": self.result("onnx_parity").after,
-        }
+        onnx_max_abs_diff (NaN when the export or the onnxruntime run failed); a gate that was
+        not evaluated (the repair search's prediction-only reports) has no metric."""
+        present = {r.name: r for r in self.results}
+        metrics = {}
+        if "fix_rate" in present:
+            metrics["fix_rate"] = present["fix_rate"].after
+        if "heldout_accuracy" in present:
+            metrics["heldout_accuracy_before"] = float(present["heldout_accuracy"].before)
+            metrics["heldout_accuracy_after"] = present["heldout_accuracy"].after
+        for name, metric in (("class_recall", "max_class_recall_drop"), ("canary_flips", "canary_flip_rate"),
+                             ("onnx_parity", "onnx_max_abs_diff")):
+            if name in present:
+                metrics[metric] = present[name].after
+        return metrics
 
     def to_dict(self) -> dict:
         """Strict-JSON-serialisable form (`gates.json`): passed, failed gate names, thresholds,

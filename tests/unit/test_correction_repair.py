@@ -44,7 +44,8 @@ def _reviewer_logprob(model, flagged):
 
 def test_fixture_flags_enough_mispredictions(setup):
     _, _, flagged, scores = setup
-    assert len(flagged) == 17 and scores.shape == (17, 1078)
+    # how many it flags depends on the training trajectory (CPU, threads); the tests need a handful
+    assert len(flagged) >= 8 and scores.shape == (len(flagged), 1078)
 
 
 def test_repair_batch_repairs_a_copy_and_never_trains_on_flagged_examples(setup):

@@ -73,7 +73,8 @@ def test_copy_of_champion_passes_every_gate_but_the_fix_rate(setup, tmp_path):
     assert document["passed"] is False and document["failed"] == ["fix_rate"]
     assert document["thresholds"] == {
         "min_fix_rate": 0.5, "max_accuracy_drop_points": 0.5, "max_class_recall_drop_points": 2.0,
-        "max_canary_flip_rate": 0.02, "onnx_rtol": 1e-3, "onnx_atol": 1e-4,
+        "max_canary_flip_rate": 0.02, "onnx_rtol": 1e-3, "onnx_atol": 1e-4, "harm_resolution_examples": 1,
+        "harm_significance": None,
     }
     assert len(document["results"]) == 6 and all(isinstance(r["reason"], str) for r in document["results"])
 

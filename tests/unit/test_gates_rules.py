@@ -12,7 +12,7 @@ import torch
 from audit.errors import InvalidInput
 from audit.gates import GateReport, GateResult, GateThresholds
 from audit.gates.evaluation_table import evaluation_frame, evaluation_table_gate
-from audit.gates.metrics import accuracy_gate, canary_gate, class_recall_gate, fix_rate_gate
+from audit.gates.metrics import accuracy_gate, canary_gate, class_recall_gate, fix_rate_gate, mcnemar_harm_p
 
 
 def t(values: list[int]) -> torch.Tensor:
@@ -23,6 +23,7 @@ def test_default_thresholds_match_the_issue():
     th = GateThresholds()
     assert (th.min_fix_rate, th.max_accuracy_drop_points, th.max_class_recall_drop_points) == (0.5, 0.5, 2.0)
     assert (th.max_canary_flip_rate, th.onnx_rtol, th.onnx_atol) == (0.02, 1e-3, 1e-4)
+    assert (th.harm_resolution_examples, th.harm_significance) == (1, None)
 
 
 def test_thresholds_report_every_problem_in_one_error():
@@ -43,6 +44,10 @@ def test_thresholds_report_every_problem_in_one_error():
         ("onnx_atol", math.inf),
         ("min_fix_rate", True),
         ("min_fix_rate", "0.5"),
+        ("harm_resolution_examples", -1),
+        ("harm_resolution_examples", 1.5),
+        ("harm_significance", 0.0),
+        ("harm_significance", 1.0),
     ],
 )
 def test_thresholds_reject_out_of_range_values(field, value):
@@ -86,6 +91,73 @@ def test_class_recall_takes_the_worst_class_and_names_absent_ones():
     assert "classes [2] are absent from the held-out split" in result.reason
     improved = class_recall_gate(candidate, champion, labels, num_classes=2, max_drop_points=2.0)
     assert improved.passed and improved.after == pytest.approx(0.0) and "absent" not in improved.reason
+
+
+def test_mcnemar_harm_p_is_the_binomial_tail_of_the_losses():
+    assert mcnemar_harm_p(0, 0) == 1.0
+    assert mcnemar_harm_p(1, 0) == 0.5
+    assert mcnemar_harm_p(3, 0) == 0.125
+    assert mcnemar_harm_p(4, 1) == pytest.approx(6 / 32)  # P(X >= 4), X ~ Bin(5, 1/2)
+    assert mcnemar_harm_p(0, 5) == 1.0
+    assert mcnemar_harm_p(3, 2) == pytest.approx(16 / 32)
+
+
+def _class_of_40(lost: int, gained: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """40 examples of class 0 (plus 40 untouched of class 1): the candidate loses `lost` the
+    champion had right and gains `gained` it had wrong."""
+    labels = t([0] * 40 + [1] * 40)
+    champion = t([0] * 30 + [1] * 10 + [1] * 40)  # 30 right, 10 wrong in class 0
+    candidate = champion.clone()
+    candidate[:lost] = 1
+    candidate[30:30 + gained] = 0
+    return champion, candidate, labels
+
+
+def test_class_recall_with_significance_fails_only_on_evidence_of_harm():
+    # one lost example of 40 is 2.5 points: beyond 2 points, but no evidence (p = 0.5)
+    champion, candidate, labels = _class_of_40(lost=1, gained=0)
+    plain = class_recall_gate(champion, candidate, labels, 2, 2.0)
+    tested = class_recall_gate(champion, candidate, labels, 2, 2.0, significance=0.2)
+    assert not plain.passed and tested.passed
+    assert tested.after == pytest.approx(2.5) == plain.after
+    assert tested.reason.endswith("1 lost, 0 gained, McNemar p=0.5 >= 0.2), more than the allowed 2.00 but not "
+                                  "counted as harm")
+    # three lost, none gained: 7.5 points and p = 0.125 < 0.2 -> fails with both rules
+    champion, candidate, labels = _class_of_40(lost=3, gained=0)
+    tested = class_recall_gate(champion, candidate, labels, 2, 2.0, significance=0.2)
+    assert not tested.passed and "3 lost, 0 gained, McNemar p=0.12 < 0.2), more than the allowed 2.00" in tested.reason
+    # the same three at p < 0.05 are not significant: the level decides, the threshold still applies
+    assert class_recall_gate(champion, candidate, labels, 2, 2.0, significance=0.05).passed
+    # within the threshold passes whatever the test says
+    champion, candidate, labels = _class_of_40(lost=2, gained=2)
+    assert class_recall_gate(champion, candidate, labels, 2, 2.0, significance=0.2).passed
+
+
+def test_class_recall_with_a_resolution_of_one_example_never_fails_on_a_single_loss():
+    # 1 of 40 lost is 2.5 points: beyond 2 points, but finer than this split can resolve
+    champion, candidate, labels = _class_of_40(lost=1, gained=0)
+    one = class_recall_gate(champion, candidate, labels, 2, 2.0, resolution=1)
+    assert one.passed and "not more than 1 lost net), more than the allowed 2.00 but not counted as harm" in one.reason
+    # two lost net (5 points) is more than one example: fails, as with the plain threshold
+    champion, candidate, labels = _class_of_40(lost=3, gained=1)
+    two = class_recall_gate(champion, candidate, labels, 2, 2.0, resolution=1)
+    assert not two.passed and "3 lost, 1 gained, more than 1 lost net), more than the allowed 2.00" in two.reason
+    assert not class_recall_gate(champion, candidate, labels, 2, 2.0).passed
+
+
+def test_accuracy_with_significance_needs_a_drop_and_evidence():
+    labels = t([0] * 200)
+    champion = t([0] * 200)
+    three_lost = t([0] * 197 + [1] * 3)  # -1.5 points, p = 0.125
+    assert not accuracy_gate(champion, three_lost, labels, 0.5).passed
+    assert not accuracy_gate(champion, three_lost, labels, 0.5, significance=0.2).passed
+    passed = accuracy_gate(champion, three_lost, labels, 0.5, significance=0.1)
+    assert passed.passed and "3 lost, 0 gained, McNemar p=0.12 >= 0.1" in passed.reason
+    assert passed.reason.endswith("is beyond the allowed drop of 0.50 points but not counted as harm")
+    # one example lost net of 200 is 0.5 points; two are beyond, and beyond one example
+    two_lost = t([0] * 198 + [1] * 2)
+    assert not accuracy_gate(champion, two_lost, labels, 0.4, resolution=1).passed
+    assert accuracy_gate(champion, t([0] * 199 + [1]), labels, 0.4, resolution=1).passed
 
 
 def test_canary_counts_only_inputs_the_champion_got_right():
@@ -133,8 +205,11 @@ def test_report_metrics_and_json_form():
     assert document["failed"] == ["onnx_parity"] and document["thresholds"]["min_fix_rate"] == 0.5
     assert document["results"][4]["after"] is None and document["results"][0]["reason"] == "fix_rate reason"
     with pytest.raises(InvalidInput, match="no gate named"):
-        GateReport(()).metrics()
-    assert not GateReport(()).passed
+        GateReport(()).result("onnx_parity")
+    # a prediction-only report (the repair search's) has metrics for the gates it ran, no others
+    prediction_only = GateReport(report.results[:4], GateThresholds())
+    assert set(prediction_only.metrics()) == set(report.metrics()) - {"onnx_max_abs_diff"}
+    assert GateReport(()).metrics() == {} and not GateReport(()).passed
 
 
 def _frame(logits: torch.Tensor, labels: list[int]):

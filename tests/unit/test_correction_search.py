@@ -1,0 +1,94 @@
+"""The repair search: its selection split and its choice, on cases whose outcome holds by
+construction (a near-zero learning rate changes no prediction; the flagged examples are the
+model's own mispredictions, so doing nothing fixes none of them)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from audit.correction import DEFAULT_CANDIDATES, CorrectionConfig, RepairCandidate, search_repairs, selection_split
+from audit.digits import load_digits_splits
+from audit.errors import InvalidInput
+from audit.gates import GateThresholds
+from audit.models import DigitsMLP
+from audit.training import TrainConfig, predict_logits, train
+
+# lr 1e-9 moves no weight by more than ~1e-8: every prediction stays the champion's
+NO_OP = RepairCandidate("no-op", CorrectionConfig(lr=1e-9, steps=1, rounds=1))
+# Adam at lr 10 moves every weight by ~10 per step: the model's predictions are wrecked
+WRECK = RepairCandidate("wreck", CorrectionConfig(lr=10.0, steps=10, rounds=1, reinforce_k=5))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    splits = load_digits_splits(0.1, seed=0)
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    train(model, splits.train.dataset(), TrainConfig(epochs=30, seed=0))
+    predicted = predict_logits(model, splits.production.inputs).argmax(dim=1)
+    wrong = (predicted != splits.production.labels).nonzero().flatten().numpy()
+    assert len(wrong) > 0, "the fixture needs mispredictions to flag"
+    selection, _ = selection_split(splits.validation, 1 / 3)
+    return model, splits, splits.production.subset(wrong), selection
+
+
+def test_selection_split_is_disjoint_stratified_and_independent_of_row_order(setup):
+    _, splits, _, _ = setup
+    validation = splits.validation
+    selection, gate = selection_split(validation, 1 / 3)
+    assert set(selection.ids).isdisjoint(gate.ids) and len(selection) + len(gate) == len(validation)
+    for label in range(10):
+        members = int((validation.labels == label).sum())
+        assert int((selection.labels == label).sum()) == round(members / 3)
+    shuffled = validation.subset(torch.randperm(len(validation), generator=torch.Generator().manual_seed(1)).numpy())
+    assert set(selection_split(shuffled, 1 / 3)[0].ids) == set(selection.ids)
+    with pytest.raises(InvalidInput, match="selection fraction must be in"):
+        selection_split(validation, 1.0)
+    with pytest.raises(InvalidInput, match="leaves one side empty"):
+        selection_split(validation.subset([0]), 0.9)
+
+
+def test_the_search_chooses_the_candidate_that_passes_and_says_why_the_other_failed(setup):
+    model, splits, flagged, selection = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    thresholds = GateThresholds(min_fix_rate=0.0)
+    result = search_repairs(model, splits.train, flagged, selection, 10, thresholds, (WRECK, NO_OP))
+    assert [o.candidate.name for o in result.outcomes] == ["wreck", "no-op"]
+    assert result.chosen_index == 1 and result.chosen.candidate.name == "no-op"
+    wreck = result.outcomes[0].selection
+    assert not wreck.passed and "heldout_accuracy" in {g.name for g in wreck.failed}
+    assert [g.name for g in result.outcomes[1].selection.results] == [
+        "fix_rate", "heldout_accuracy", "class_recall", "canary_flips"]
+    assert len(result.failures()) == 1 and result.failures()[0].startswith("wreck: ")
+    table = result.table()
+    assert list(table["candidate"]) == ["wreck", "no-op"] and list(table["chosen"]) == [False, True]
+    assert list(table["passed"]) == [False, True] and table.loc[0, "failed_because"]
+    assert table.loc[1, "failed_because"] == "" and table.loc[1, "heldout_accuracy_passed"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input model is untouched
+
+
+def test_when_no_candidate_passes_nothing_is_chosen_and_each_failure_is_named(setup):
+    model, splits, flagged, selection = setup
+    thresholds = GateThresholds(min_fix_rate=1.0)  # doing nothing fixes no misprediction
+    result = search_repairs(model, splits.train, flagged, selection, 10, thresholds, (NO_OP,))
+    assert result.chosen is None and result.chosen_index is None
+    (failure,) = result.failures()
+    assert failure.startswith("no-op: fix rate 0.00") and "is below the required 1.00" in failure
+
+
+def test_candidates_keep_their_configs_but_take_the_step_budget_and_the_fix_rate_target(setup):
+    model, splits, flagged, selection = setup
+    result = search_repairs(model, splits.train, flagged, selection, 10, GateThresholds(min_fix_rate=0.25),
+                            (NO_OP, dataclasses.replace(NO_OP, name="long", config=CorrectionConfig(
+                                lr=1e-9, steps=50, rounds=1))), max_steps=4)
+    steps = [o.candidate.config.steps for o in result.outcomes]
+    assert steps == [1, 4] and {o.candidate.config.target_fix_rate for o in result.outcomes} == {0.25}
+    with pytest.raises(InvalidInput, match="at least one candidate"):
+        search_repairs(model, splits.train, flagged, selection, 10, GateThresholds(), ())
+
+
+def test_default_candidates_have_distinct_names_and_valid_configs():
+    names = [c.name for c in DEFAULT_CANDIDATES]
+    assert len(names) == len(set(names)) >= 2
+    assert all(isinstance(c.config, CorrectionConfig) for c in DEFAULT_CANDIDATES)
