@@ -29,9 +29,11 @@ def register_challenger(model_uri: str, name: str, source_version: str, audit_ru
     return register_version(model_uri, name, CHALLENGER, tags)
 
 
-def promote(name: str, version: str | None = None) -> str:
+def promote(name: str, version: str | None = None, force_reason: str | None = None) -> str:
     """Move `champion` to `version` (default: the current `challenger`) after re-checking that its
-    gates passed; returns the promoted version. Raises `AuditError` otherwise."""
+    gates passed; returns the promoted version. A version older than the current champion is a
+    rollback: refused unless `force_reason` says why, which is then recorded on that version as
+    tag `audit.promotion_override`. Raises `AuditError` otherwise."""
     client = MlflowClient()
     try:
         mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, CHALLENGER)
@@ -41,5 +43,20 @@ def promote(name: str, version: str | None = None) -> str:
         raise AuditError(
             f"Version {mv.version} of {name} has no `audit.gates=passed` tag; only gated repairs can become champion."
         )
+    current = _alias_version(client, name, CHAMPION)
+    if current is not None and int(mv.version) < current:
+        if not (force_reason and force_reason.strip()):
+            raise AuditError(f"Version {mv.version} of {name} is older than champion version {current}; a rollback "
+                             "needs --force with --reason.")
+        client.set_model_version_tag(name, mv.version, "audit.promotion_override",
+                                     f"rollback from version {current}: {force_reason.strip()}")
     client.set_registered_model_alias(name, CHAMPION, mv.version)
     return str(mv.version)
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> int | None:
+    """The version number `alias` points at, or None when it points nowhere."""
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None

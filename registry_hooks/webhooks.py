@@ -36,6 +36,8 @@ RECEIVER_PATH = "/mlflow/webhook"
 MAX_DELIVERY_AGE_S = 300
 # The registry event that starts an audit: an alias (by default `champion`) moved to a version.
 WATCHED_EVENT = "model_version_alias.created"
+# MLflow's alias envelopes are a few hundred bytes; anything far larger is refused unread (413).
+MAX_BODY_BYTES = 64 * 1024
 
 
 class InvalidDelivery(AuditError):
@@ -82,7 +84,9 @@ def verify_delivery(secret: str, headers: Mapping[str, str], body: bytes, now: f
         raise InvalidDelivery(f"The delivery timestamp {timestamp!r} is not Unix seconds.") from None
     if abs(age) > MAX_DELIVERY_AGE_S:
         raise InvalidDelivery(f"The delivery is {age:.0f} s old (at most {MAX_DELIVERY_AGE_S} s accepted).")
-    if not hmac.compare_digest(sent, signature(secret, delivery_id, timestamp, body)):
+    # compare bytes: compare_digest refuses str with non-ASCII characters (a header can carry them)
+    if not hmac.compare_digest(sent.encode("utf-8", "replace"),
+                               signature(secret, delivery_id, timestamp, body).encode()):
         raise InvalidDelivery("The delivery's signature does not match the shared secret.")
     return delivery_id
 
@@ -96,6 +100,8 @@ def parse_event(body: bytes, delivery_id: str) -> RegistryEvent:
                              model_name=str(data["name"]),
                              version=None if data.get("version") is None else str(data["version"]),
                              alias=data.get("alias"), delivery_id=delivery_id)
+    except RecursionError:
+        raise InvalidDelivery("The delivery body nests JSON too deeply to be an MLflow registry event.") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidDelivery(f"The delivery body is not an MLflow registry event ({exc!r}).") from None
 
@@ -106,17 +112,18 @@ def receiver_app(secret: str, on_event: Callable[[RegistryEvent], str], alias: s
 
     A correctly signed `model_version_alias.created` event for `alias` (and `model_name`, when
     given) calls `on_event` and answers 202 with what it returned (e.g. a flow run id); other
-    registry events answer 200 "ignored" (MLflow sends test deliveries too); a bad signature or
-    stale delivery answers 401, a malformed body 400. `on_event` should return quickly: it
-    starts work, it does not do it.
+    registry events answer 200 "ignored" (MLflow sends test deliveries too); a bad or malformed
+    signature or a stale delivery answers 401, a malformed or too deeply nested body 400, a body
+    over MAX_BODY_BYTES 413 (read no further). `on_event` should return quickly: it starts work,
+    it does not do it. The API docs routes are off.
     """
     if not secret:
         raise InvalidDelivery("The webhook receiver needs a non-empty shared secret.")
-    app = FastAPI(title="model-audit MLflow webhook receiver")
+    app = FastAPI(title="model-audit MLflow webhook receiver", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.post(RECEIVER_PATH)
     async def receive(request: Request, response: Response) -> dict:
-        body = await request.body()
+        body = await _limited_body(request)
         try:
             delivery_id = verify_delivery(secret, request.headers, body)
         except InvalidDelivery as exc:
@@ -136,6 +143,21 @@ def receiver_app(secret: str, on_event: Callable[[RegistryEvent], str], alias: s
                 "version": event.version, "run": started}
 
     return app
+
+
+async def _limited_body(request: Request) -> bytes:
+    """The request body, or HTTP 413 as soon as it is known to exceed MAX_BODY_BYTES."""
+    too_large = HTTPException(status_code=413, detail=f"The delivery body exceeds {MAX_BODY_BYTES} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def register_webhook(client: MlflowClient, url: str, secret: str, name: str = "model-audit") -> str:

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from registry_hooks.webhooks import (
+    MAX_BODY_BYTES,
     RECEIVER_PATH,
     InvalidDelivery,
     RegistryEvent,
@@ -93,6 +94,31 @@ def test_verified_but_malformed_body_is_a_400(receiver):
         parse_event(b"not json", "d-3")
     with pytest.raises(InvalidDelivery, match="secret"):
         verify_delivery(SECRET, {}, body)
+
+
+def _signed(body: bytes, delivery_id: str = "d-9") -> dict:
+    timestamp = str(int(time.time()))
+    return {"X-MLflow-Delivery-Id": delivery_id, "X-MLflow-Timestamp": timestamp,
+            "X-MLflow-Signature": signature(SECRET, delivery_id, timestamp, body)}
+
+
+def test_hostile_deliveries_get_a_4xx_never_a_500(receiver):
+    client, started = receiver
+    body, headers = delivery("model_version_alias", "created",
+                             {"name": "digits-classifier", "alias": "champion", "version": "3"})
+    # a non-ASCII signature is malformed, not a server error
+    non_ascii = dict(headers, **{"X-MLflow-Signature": "v1,\u00e9\u00e9".encode("latin-1")})
+    assert client.post(RECEIVER_PATH, content=body, headers=non_ascii).status_code == 401
+    # correctly signed, within the size limit, but nested 30,000 deep: not MLflow's envelope
+    deep = b"[" * 30_000 + b"]" * 30_000
+    assert client.post(RECEIVER_PATH, content=deep, headers=_signed(deep)).status_code == 400
+    with pytest.raises(InvalidDelivery, match="too deeply"):
+        parse_event(deep, "d-4")
+    # over the size limit: 413 whether or not it is signed
+    large = b" " * (MAX_BODY_BYTES + 1)
+    assert client.post(RECEIVER_PATH, content=large, headers=_signed(large)).status_code == 413
+    assert started == []
+    assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
 
 
 def test_receiver_and_webhook_refuse_an_empty_secret():

@@ -48,3 +48,21 @@ def test_challenger_carries_the_design_tags_and_promotion_rechecks_them(mlflow_s
 def test_unknown_alias_is_one_clear_error(mlflow_store):
     with pytest.raises(Exception, match="No registered model nope @champion"):
         resolve_version("nope", alias="champion")
+
+
+def test_promote_never_moves_champion_backwards_without_a_reason(mlflow_store):
+    _, uri, _ = _logged_model(0)
+    register_version(uri, "m", "champion")
+    older = register_challenger(_logged_model(1)[1], "m", source_version="1", audit_run_id="a1")
+    newer = register_challenger(_logged_model(2)[1], "m", source_version="1", audit_run_id="a2")
+    assert promote("m", newer) == newer
+    with pytest.raises(AuditError, match=f"Version {older} of m is older than champion version {newer}"):
+        promote("m", older)
+    with pytest.raises(AuditError, match="needs --force with --reason"):
+        promote("m", older, force_reason="  ")
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("m", "champion").version) == newer
+    assert promote("m", older, force_reason="v3 misroutes class 7") == older
+    assert str(client.get_model_version_by_alias("m", "champion").version) == older
+    assert client.get_model_version("m", older).tags["audit.promotion_override"] == (
+        f"rollback from version {newer}: v3 misroutes class 7")
