@@ -37,10 +37,10 @@ def read_batch_file(path: Path) -> pd.DataFrame:
         if path.suffix == ".parquet":
             return pd.read_parquet(path)
         frame = pd.read_csv(path)
-    except Exception as exc:  # unreadable file: the user's input, reported in one sentence
+        if "pixels" in frame.columns:
+            frame["pixels"] = [json.loads(p) if isinstance(p, str) else p for p in frame["pixels"]]
+    except Exception as exc:  # unreadable file or cell: the user's input, reported in one sentence
         raise InvalidFlaggedBatch(f"Cannot read flagged batch {path.name}: {exc}".splitlines()[0]) from exc
-    if "pixels" in frame.columns:
-        frame["pixels"] = [json.loads(p) if isinstance(p, str) else p for p in frame["pixels"]]
     return frame
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from audit.expectations import run_suite
@@ -26,13 +27,26 @@ class BatchValidation:
         return "The flagged batch failed these checks: " + "; ".join(self.failed_checks) + "."
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _is_pixel(value: object) -> bool:
+    """A plain real number the model's float32 input can hold (no string, list, bool or overflow)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(float(value)) and abs(float(value)) <= _FLOAT32_MAX
+
+
 def _derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Columns the suite checks that GX cannot compute on list cells: length and finiteness."""
+    """Columns the suite checks that GX cannot compute on list cells (length, every value a
+    finite float32 number) and on two columns (whether the row is a misprediction)."""
     out = frame.copy()
     if "pixels" in out.columns:
-        lists = [p if hasattr(p, "__len__") and not isinstance(p, str) else [] for p in out["pixels"]]
+        lists = [p if hasattr(p, "__len__") and not isinstance(p, (str, bytes, dict)) else [] for p in out["pixels"]]
         out["pixels_length"] = [len(p) for p in lists]
-        out["pixels_finite"] = [bool(len(p)) and all(math.isfinite(float(v)) for v in p) for p in lists]
+        out["pixels_finite"] = [bool(len(p)) and all(_is_pixel(v) for v in p) for p in lists]
+    if {"predicted_label", "true_label"} <= set(out.columns):
+        out["is_misprediction"] = [bool(a != b) for a, b in zip(out["predicted_label"], out["true_label"], strict=True)]
     return out
 
 
@@ -59,7 +73,12 @@ def validate_flagged_frame(frame: pd.DataFrame, num_classes: int, input_size: in
                 description=f"every `pixels` list holds {input_size} values",
             ),
             E.ExpectColumnValuesToBeInSet(
-                column="pixels_finite", value_set=[True], description="every pixel value is a finite number"
+                column="pixels_finite", value_set=[True],
+                description="every pixel value is a finite number within float32 range",
+            ),
+            E.ExpectColumnValuesToBeInSet(
+                column="is_misprediction", value_set=[True],
+                description="every row is a misprediction (`predicted_label` differs from `true_label`)",
             ),
         ]
 

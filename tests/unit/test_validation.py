@@ -34,7 +34,7 @@ def test_failed_checks_are_named_and_each_bad_column_reported():
         "`example_id` unique",
         "`true_label` in the label set 0..9",
         "every `pixels` list holds 64 values",
-        "every pixel value is a finite number",
+        "every pixel value is a finite number within float32 range",
     }
     assert result.summary().startswith("The flagged batch failed these checks:")
 
@@ -42,3 +42,30 @@ def test_failed_checks_are_named_and_each_bad_column_reported():
 def test_missing_column_is_named_once():
     result = validate_flagged_frame(_frame().drop(columns=["pixels"]), num_classes=10, input_size=64)
     assert result.failed_checks == ("column `pixels` present",)
+
+
+def test_malformed_pixels_and_correct_predictions_are_named_never_raised():
+    frame = _frame()
+    frame["pixels"] = frame["pixels"].astype(object)
+    frame.at[0, "pixels"] = ["1.0"] * 64  # strings
+    frame.at[1, "pixels"] = [[0.0] * 8] * 8  # nested 8x8 lists
+    frame.at[2, "pixels"] = [1e39] * 64  # beyond float32
+    result = validate_flagged_frame(frame, num_classes=10, input_size=64)
+    assert result.failed_checks == ("every `pixels` list holds 64 values",
+                                    "every pixel value is a finite number within float32 range")
+    right = _frame()
+    right.loc[0, "predicted_label"] = right.loc[0, "true_label"]
+    assert validate_flagged_frame(right, num_classes=10, input_size=64).failed_checks == (
+        "every row is a misprediction (`predicted_label` differs from `true_label`)",)
+
+
+def test_an_unparsable_csv_cell_is_one_sentence(tmp_path):
+    import pytest
+
+    from audit.errors import InvalidFlaggedBatch
+    from audit.flagged import read_batch_file
+
+    bad = tmp_path / "flagged.csv"
+    bad.write_text('example_id,pixels,predicted_label,true_label\na,"[1.0, 2.0",1,3\n')
+    with pytest.raises(InvalidFlaggedBatch, match="Cannot read flagged batch flagged.csv"):
+        read_batch_file(bad)
