@@ -53,7 +53,7 @@ def demo(
     noise_rate: float = typer.Option(0.1, min=0.0, max=0.9, help="Fraction of training labels flipped."),
     seed: int = typer.Option(0, help="Seeds the split, the label noise and training."),
     epochs: int = typer.Option(40, min=1, help="Training epochs of the digits CNN."),
-    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot, gradcos)."),
+    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot)."),
     min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
 ) -> None:
     """Train, register, flag, audit and repair a digits CNN end to end on embedded defaults."""
@@ -69,7 +69,7 @@ def audit_command(
     model: str = typer.Option("digits-classifier", help="Registered model name."),
     alias: str = typer.Option("champion", help="Alias of the version to audit."),
     inbox: Path = typer.Option(None, help="Flagged batch file or folder (default <workdir>/inbox)."),
-    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot, gradcos)."),
+    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot)."),
     top_k: int = typer.Option(10, min=1, help="Helpful and harmful examples kept per flagged example."),
 ) -> None:
     """Audit a registered model against a flagged batch; prints the audit run id."""
@@ -147,7 +147,7 @@ def serve(
     tracking_uri: str = typer.Option(None, help="MLflow server URL (webhooks need `mlflow server`)."),
     model: str = typer.Option("digits-classifier", help="Registered model name."),
     alias: str = typer.Option("champion", help="Alias audited; moving it to a version starts a run."),
-    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot, gradcos)."),
+    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot)."),
     min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
     cron: str = typer.Option("0 * * * *", help="Audit schedule (cron); '' = registry events only."),
     host: str = typer.Option("127.0.0.1", help="Webhook receiver address."),

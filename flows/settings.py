@@ -8,7 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from audit.correction.search import CANDIDATES_BY_NAME, DEFAULT_CANDIDATES, RepairCandidate
 from audit.gates import GateThresholds
-from audit.influence import METHODS
+from audit.influence import METHODS, NEEDS_CHECKPOINTS, NO_SELF_INFLUENCE
+
+# The audit flow scores the flagged batch and self-influence, without training checkpoints.
+AUDIT_METHODS = tuple(m for m in METHODS if m not in NEEDS_CHECKPOINTS + NO_SELF_INFLUENCE)
 
 
 class AuditSettings(BaseModel):
@@ -26,9 +29,15 @@ class AuditSettings(BaseModel):
 
     @field_validator("method")
     @classmethod
-    def _known_method(cls, method: str) -> str:
+    def _runnable_method(cls, method: str) -> str:
+        if method in NEEDS_CHECKPOINTS:
+            raise ValueError(f"influence method {method!r} needs training checkpoints, which the audit flow does "
+                             f"not load; choose one of {', '.join(AUDIT_METHODS)}")
+        if method in NO_SELF_INFLUENCE:
+            raise ValueError(f"influence method {method!r} has no self-influence, which every audit reports; "
+                             f"choose one of {', '.join(AUDIT_METHODS)}")
         if method not in METHODS:
-            raise ValueError(f"unknown influence method {method!r}; choose one of {', '.join(METHODS)}")
+            raise ValueError(f"unknown influence method {method!r}; choose one of {', '.join(AUDIT_METHODS)}")
         return method
 
     @property

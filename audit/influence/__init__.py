@@ -57,7 +57,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from audit.errors import InvalidInput
-from audit.influence.config import METHODS, InfluenceConfig
+from audit.influence.config import METHODS, NEEDS_CHECKPOINTS, NO_SELF_INFLUENCE, InfluenceConfig
 from audit.influence.engine import InfluenceResult, compute
 from audit.influence.params import ParamFilter
 from audit.influence.topk import TopInfluences, top_influences
@@ -65,6 +65,8 @@ from audit.influence.tracin import Checkpoints
 
 __all__ = [
     "METHODS",
+    "NEEDS_CHECKPOINTS",
+    "NO_SELF_INFLUENCE",
     "InfluenceConfig",
     "InfluenceResult",
     "TopInfluences",

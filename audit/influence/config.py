@@ -13,6 +13,10 @@ from audit.errors import InvalidInput
 
 METHODS = ("ekfac", "kfac", "arnoldi", "exact", "tracin", "graddot", "gradcos")
 CURVATURE_METHODS = ("ekfac", "kfac", "arnoldi", "exact")
+# What a caller must know before choosing: tracin reads the training run's checkpoints, and
+# gradcos has no self-influence (every example's cosine with itself is 1).
+NEEDS_CHECKPOINTS = ("tracin",)
+NO_SELF_INFLUENCE = ("gradcos",)
 
 
 @dataclass(frozen=True)

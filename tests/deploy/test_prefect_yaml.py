@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from deploy.service import DEPLOYMENT, FLOW, ServiceSettings
@@ -23,6 +24,7 @@ def prefect_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow  # runs Prefect's CLI as subprocesses
 def test_prefect_yaml_deploys_the_served_deployment(prefect_harness):
     from prefect import get_client
 

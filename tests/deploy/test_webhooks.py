@@ -128,6 +128,7 @@ def test_receiver_and_webhook_refuse_an_empty_secret():
         register_webhook(None, "http://127.0.0.1:1/x", "")
 
 
+@pytest.mark.slow  # starts a real `mlflow server`
 def test_mlflow_server_delivers_alias_changes_to_the_receiver(mlflow_server, tmp_path):
     """End to end over HTTP: our webhook registered on a real `mlflow server`, moving `champion`
     reaches the receiver with a signature it accepts; moving another alias is delivered and ignored."""

@@ -15,6 +15,8 @@ from flows.demo import MODEL_NAME, run_demo, summary
 from flows.settings import CorrectionSettings
 from registry_hooks import audit_log
 
+pytestmark = pytest.mark.slow  # trains, audits and repairs the demo model (about a minute)
+
 GATE_NAMES = {"fix_rate", "heldout_accuracy", "class_recall", "canary_flips", "onnx_parity", "evaluation_table"}
 GATE_METRICS = {"fix_rate", "heldout_accuracy_before", "heldout_accuracy_after", "max_class_recall_drop",
                 "canary_flip_rate", "onnx_max_abs_diff"}

@@ -34,3 +34,22 @@ def test_commands_refuse_a_workdir_that_does_not_exist_and_create_nothing(comman
 def test_promote_force_needs_a_reason(mlflow_store):
     result = CliRunner().invoke(app, ["promote", "--workdir", str(mlflow_store), "--force"])
     assert result.exit_code == 2 and "error: --force needs --reason" in result.output
+
+
+@pytest.mark.parametrize("method, why", [("tracin", "needs training checkpoints"),
+                                         ("gradcos", "has no self-influence"), ("nope", "unknown influence method")])
+def test_audit_settings_refuse_methods_the_audit_flow_cannot_run(method, why):
+    from pydantic import ValidationError
+
+    from flows.settings import AUDIT_METHODS, AuditSettings
+
+    with pytest.raises(ValidationError, match=why):
+        AuditSettings(method=method)
+    assert method not in AUDIT_METHODS and all(AuditSettings(method=m).method == m for m in AUDIT_METHODS)
+
+
+def test_the_cli_offers_exactly_the_runnable_methods():
+    from flows.settings import AUDIT_METHODS
+
+    result = CliRunner().invoke(app, ["audit", "--help"], env={"COLUMNS": "240"})
+    assert f"Influence method ({', '.join(AUDIT_METHODS)})." in " ".join(result.output.split())
