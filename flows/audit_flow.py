@@ -34,6 +34,7 @@ from registry_hooks import audit_log
 from registry_hooks.lineage import TrainingData, recover_training_data
 from registry_hooks.model_io import LoadedModel, ModelSpec, VersionRef, load_version, resolve_version
 from registry_hooks.store import use_store
+from registry_hooks.tags import RunTags
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,8 @@ def log_audit(settings: AuditSettings, loaded: LoadedModel, training: TrainingDa
     candidates = propose_corrections(scores, train, flagged, predicted, self_scores, k=settings.top_k,
                                      train_probs=train_probs)
     digest = batch_digest(frame)
-    tags = audit_log.audit_tags(loaded.name, loaded.version, "audit", digest)
-    with mlflow.start_run(run_name=f"audit {loaded.name} v{loaded.version}", tags=tags) as run:
+    tags = RunTags(loaded.name, loaded.version, "audit", digest)
+    with mlflow.start_run(run_name=f"audit {loaded.name} v{loaded.version}", tags=tags.to_mlflow()) as run:
         mlflow.log_params({"method": settings.method, "top_k": settings.top_k, "n_flagged": len(flagged),
                            "n_train": len(train), "train_digest": training.digests["train"]})
         mlflow.log_metrics({"n_flagged": len(flagged), "n_candidates": len(candidates),

@@ -37,10 +37,12 @@ from audit.gates import GateReport, GateThresholds, evaluate_gates
 from audit.report import png_data, render_report, section
 from flows.settings import CorrectionSettings
 from registry_hooks import audit_log
+from registry_hooks import tags as tag_keys
 from registry_hooks.lineage import load_label_noise, log_label_noise, log_training_data, recover_training_data
 from registry_hooks.model_io import LoadedModel, load_version, log_classifier, resolve_version
 from registry_hooks.registry import register_challenger
 from registry_hooks.store import use_store
+from registry_hooks.tags import RunTags
 
 
 @dataclass(frozen=True)
@@ -83,18 +85,18 @@ def load_audit(audit_run_id: str) -> AuditInputs:
         run = MlflowClient().get_run(audit_run_id)
     except mlflow.exceptions.MlflowException as exc:
         raise AuditError(f"No audit run {audit_run_id} in this MLflow store.") from exc
-    tags = run.data.tags
-    if tags.get("audit.kind") != "audit":
-        raise AuditError(f"Run {audit_run_id} is not an audit run (tag audit.kind={tags.get('audit.kind')!r}).")
+    tags = RunTags.from_mlflow(run.data.tags, audit_run_id)
+    if tags.kind != "audit":
+        raise AuditError(f"Run {audit_run_id} is not an audit run (it is a {tags.kind} run).")
     if run.info.status != "FINISHED":
         # an audit that died after it started logging has partial artifacts: never repair from it
         raise AuditError(f"Audit run {audit_run_id} is {run.info.status}, not FINISHED; only a completed audit "
                          "can be corrected (re-run the audit).")
-    ref = resolve_version(tags["audit.model_name"], version=tags["audit.model_version"])
+    ref = resolve_version(tags.model_name, version=tags.model_version)
     training = recover_training_data(ref.run_id, ref.spec.input_shape)
     flagged, _ = flagged_table(audit_log.load_table(audit_run_id, "flagged"), ref.spec.input_shape)
     return AuditInputs(audit_run_id, load_version(ref), training.train, training.validation, flagged,
-                       tags["audit.flagged_digest"], load_label_noise(ref.run_id))
+                       tags.flagged_digest, load_label_noise(ref.run_id))
 
 
 @task(cache_policy=NO_CACHE)
@@ -243,9 +245,8 @@ def correct(settings: CorrectionSettings, audit_run_id: str,
     # re-score before the influence estimate goes stale (Schioppa et al. 2023)
     searched = search(inputs, selection, thresholds, candidates, budget)
     chosen = searched.chosen
-    tags = audit_log.audit_tags(loaded.name, loaded.version, "correction", inputs.flagged_digest)
-    tags["audit.audit_run_id"] = audit_run_id
-    with mlflow.start_run(run_name=f"correct {loaded.name} v{loaded.version}", tags=tags) as run:
+    tags = RunTags(loaded.name, loaded.version, "correction", inputs.flagged_digest, audit_run_id)
+    with mlflow.start_run(run_name=f"correct {loaded.name} v{loaded.version}", tags=tags.to_mlflow()) as run:
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             gates = evaluate(inputs, chosen.repair, gate_split, thresholds, onnx_path) if chosen else None
@@ -270,7 +271,7 @@ def correct(settings: CorrectionSettings, audit_run_id: str,
             tables = correction_tables(searched)
             audit_log.log_tables(tables, artifact_dir="correction")
             passed = bool(gates and gates.passed)
-            mlflow.set_tag("audit.gates", "passed" if passed else "failed")
+            mlflow.set_tag(tag_keys.GATES, tag_keys.GATES_PASSED if passed else tag_keys.GATES_FAILED)
             result = CorrectionResult(run.info.run_id, searched, gates, None, metrics)
             report = correction_report(Path(tmp) / "report.html", inputs, result, (len(selection), len(gate_split)),
                                        tables, horizon, horizon_png, budget, settings.min_horizon_correlation)

@@ -1,4 +1,5 @@
-"""Logging audit and correction outputs into MLflow runs (DESIGN.md "MLflow layout")."""
+"""Logging audit and correction outputs into MLflow runs (DESIGN.md "MLflow layout"); their tags
+are registry_hooks.tags."""
 
 from __future__ import annotations
 
@@ -10,16 +11,6 @@ import mlflow
 import pandas as pd
 
 AUDIT_DIR = "audit"
-
-
-def audit_tags(model_name: str, model_version: str, kind: str, flagged_digest: str) -> dict[str, str]:
-    """The tags every audit/correction run carries."""
-    return {
-        "audit.model_name": model_name,
-        "audit.model_version": model_version,
-        "audit.kind": kind,
-        "audit.flagged_digest": flagged_digest,
-    }
 
 
 def log_tables(tables: dict[str, pd.DataFrame], artifact_dir: str = AUDIT_DIR) -> None:

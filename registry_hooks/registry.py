@@ -11,6 +11,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from audit.errors import AuditError
+from registry_hooks.tags import PROMOTION_OVERRIDE, VersionTags, gates_passed
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -25,8 +26,7 @@ def register_version(model_uri: str, name: str, alias: str, tags: dict[str, str]
 
 def register_challenger(model_uri: str, name: str, source_version: str, audit_run_id: str) -> str:
     """Register a gated repair with the DESIGN.md tags and alias `challenger`; returns the version."""
-    tags = {"audit.source_version": source_version, "audit.audit_run_id": audit_run_id, "audit.gates": "passed"}
-    return register_version(model_uri, name, CHALLENGER, tags)
+    return register_version(model_uri, name, CHALLENGER, VersionTags(source_version, audit_run_id).to_mlflow())
 
 
 def promote(name: str, version: str | None = None, force_reason: str | None = None) -> str:
@@ -39,7 +39,7 @@ def promote(name: str, version: str | None = None, force_reason: str | None = No
         mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, CHALLENGER)
     except mlflow.exceptions.MlflowException as exc:
         raise AuditError(f"No version {version or '@' + CHALLENGER} of model {name} to promote.") from exc
-    if mv.tags.get("audit.gates") != "passed":
+    if not gates_passed(mv.tags):
         raise AuditError(
             f"Version {mv.version} of {name} has no `audit.gates=passed` tag; only gated repairs can become champion."
         )
@@ -48,7 +48,7 @@ def promote(name: str, version: str | None = None, force_reason: str | None = No
         if not (force_reason and force_reason.strip()):
             raise AuditError(f"Version {mv.version} of {name} is older than champion version {current}; a rollback "
                              "needs --force with --reason.")
-        client.set_model_version_tag(name, mv.version, "audit.promotion_override",
+        client.set_model_version_tag(name, mv.version, PROMOTION_OVERRIDE,
                                      f"rollback from version {current}: {force_reason.strip()}")
     client.set_registered_model_alias(name, CHAMPION, mv.version)
     return str(mv.version)

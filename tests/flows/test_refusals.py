@@ -8,13 +8,15 @@ from typer.testing import CliRunner
 from audit.errors import AuditError
 from flows.cli import app
 from flows.correct_flow import load_audit
+from registry_hooks.tags import RunTags
 
 
 def test_correct_refuses_an_audit_run_that_did_not_finish(mlflow_store):
     client = MlflowClient()
     experiment = client.get_experiment_by_name("model-audit").experiment_id
     # an audit that died after it started logging is left RUNNING (or marked FAILED)
-    running = client.create_run(experiment, tags={"audit.kind": "audit"}).info.run_id
+    tags = RunTags("digits-classifier", "1", "audit", "sha256:0").to_mlflow()
+    running = client.create_run(experiment, tags=tags).info.run_id
     with pytest.raises(AuditError, match=f"Audit run {running} is RUNNING, not FINISHED"):
         load_audit.fn(running)
     client.set_terminated(running, status="FAILED")
