@@ -53,6 +53,14 @@ class ExampleTable:
         """The same examples with other labels (e.g. the reviewer's)."""
         return ExampleTable(self.ids, self.inputs, labels.to(torch.int64))
 
+    def relabelled(self, relabels: dict[str, int]) -> ExampleTable:
+        """The same examples with the labels of the ids in `relabels` replaced (a repair's edits)."""
+        labels = self.labels.clone()
+        position = {example_id: n for n, example_id in enumerate(self.ids)}
+        for example_id, label in relabels.items():
+            labels[position[example_id]] = label
+        return self.with_labels(labels)
+
 
 def pixel_frame(table: ExampleTable, label_column: str = "label") -> pd.DataFrame:
     """DataFrame with `example_id`, `pixels` (flattened list of floats) and `label_column`."""

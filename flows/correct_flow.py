@@ -30,14 +30,20 @@ from audit.correction import (
     selection_split,
     trusted_steps,
 )
+from audit.correction.report import (
+    CorrectionFindings,
+    correction_metrics,
+    correction_params,
+    failure_reasons,
+    horizon_plot,
+    render_correction_report,
+)
 from audit.errors import AuditError
 from audit.examples import ExampleTable
 from audit.flagged import flagged_table
 from audit.gates import GateReport, GateThresholds, evaluate_gates
-from audit.report import png_data, render_report, section
 from flows.settings import CorrectionSettings
 from registry_hooks import audit_log
-from registry_hooks import tags as tag_keys
 from registry_hooks.lineage import load_label_noise, log_label_noise, log_training_data, recover_training_data
 from registry_hooks.model_io import LoadedModel, load_version, log_classifier, resolve_version
 from registry_hooks.registry import register_challenger
@@ -58,11 +64,8 @@ class CorrectionResult:
     metrics: dict[str, float]
 
     def failure_reasons(self) -> list[str]:
-        """Why nothing was registered: the chosen candidate's failed gates, or every candidate's."""
-        if self.gates is None:
-            return ["no repair candidate passed the gates on the selection split ("
-                    + " | ".join(self.search.failures()) + ")"]
-        return [g.reason for g in self.gates.failed]
+        """Why nothing was registered (audit.correction.report.failure_reasons)."""
+        return failure_reasons(self.search, self.gates)
 
 
 @dataclass(frozen=True)
@@ -114,80 +117,6 @@ def measure_horizon(inputs: AuditInputs, config: CorrectionConfig) -> pd.DataFra
     return influence_horizon(inputs.loaded.model, inputs.train, inputs.flagged, config)
 
 
-def log_horizon(horizon: pd.DataFrame) -> str:
-    """Metrics `horizon_pearson` / `horizon_spearman` with MLflow step = fine-tuning steps, the
-    table, and a plot a reviewer reads next to gates.json; returns the plot as base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for row in horizon.itertuples(index=False):
-        mlflow.log_metrics({"horizon_pearson": float(row.pearson), "horizon_spearman": float(row.spearman)},
-                           step=int(row.steps))
-    audit_log.log_tables({"influence_horizon": horizon}, artifact_dir="correction")
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(horizon["steps"], horizon["pearson"], marker="o", label="Pearson")
-    ax.plot(horizon["steps"], horizon["spearman"], marker="s", label="Spearman")
-    ax.set(xscale="log", xlabel="fine-tuning steps", ylabel="correlation (predicted vs actual loss change)",
-           ylim=(-1, 1), title="How far the influence estimate holds")
-    ax.set_xticks(list(horizon["steps"]), [str(v) for v in horizon["steps"]])
-    ax.legend()
-    mlflow.log_figure(fig, "correction/influence_horizon.png")
-    image = png_data(fig)
-    plt.close(fig)
-    return image
-
-
-def correction_report(path: Path, inputs: AuditInputs, result: CorrectionResult, sizes: tuple[int, int],
-                      tables: dict[str, pd.DataFrame], horizon: pd.DataFrame, horizon_png: str, budget: int,
-                      min_correlation: float) -> Path:
-    """report.html of a correction run: the verdict, the repair candidates tried, every gate of
-    the chosen one, the influence horizon and the step budget taken from it, the rounds, and the
-    label edits. `tables` are the logged `candidates`, `relabels` and `history` tables; `sizes`
-    (selection, gate split) the validation examples on each side."""
-    loaded, gates, chosen = inputs.loaded, result.gates, result.search.chosen
-    if gates is not None and gates.passed:
-        verdict = f"Every gate passed: candidate `{chosen.candidate.name}` is registered as challenger."
-    else:
-        verdict = "Not registered: " + "; ".join(result.failure_reasons()) + "."
-    edits = tables["relabels"].copy()
-    if len(edits):
-        current = dict(zip(inputs.train.ids, inputs.train.labels.tolist(), strict=True))
-        edits.insert(1, "current_label", [current[i] for i in edits["train_id"]])
-    sections = [section(
-        "Repair candidates",
-        f"Each candidate repaired a copy of the model and was gated on a selection split of {sizes[0]} validation "
-        f"examples; the gates below use the other {sizes[1]}, which no candidate was chosen on. The chosen "
-        "candidate passes every selection gate with the highest fix rate (earliest on ties).",
-        table=tables["candidates"])]
-    if gates is not None:
-        gate_table = pd.DataFrame([{"gate": g.name, "before": g.before, "after": g.after, "threshold": g.threshold,
-                                    "passed": g.passed, "reason": g.reason} for g in gates.results])
-        sections.append(section("Gates", f"Champion (before) vs candidate `{chosen.candidate.name}` (after) on the "
-                                         "flagged batch and on the gate split of the validation data.",
-                                table=gate_table))
-    summary = f"{len(result.search.outcomes)} repair candidate(s) tried on {len(inputs.flagged)} flagged examples. "
-    if chosen is not None:
-        config, repaired = chosen.candidate.config, chosen.repair
-        summary += (f"Chosen: `{chosen.candidate.name}` (strategy `{config.strategy}`, influence method "
-                    f"`{config.method}`): {repaired.rounds} round(s), {repaired.steps_taken} fine-tuning steps, "
-                    f"{len(repaired.relabels)} label edits. ")
-    return render_report(
-        path, title=f"Correction of {loaded.name} version {loaded.version}", summary=summary + verdict,
-        sections=sections + [
-            section("Influence horizon",
-                    f"For each sampled flagged example, training subsets were fine-tuned on for s steps and the "
-                    f"actual change of its loss compared with the change influence predicted. The repair takes "
-                    f"at most {budget} steps between re-scorings: the longest horizon whose Pearson correlation "
-                    f"stays at or above {min_correlation}.", table=horizon, image=horizon_png),
-            section("Rounds of the chosen candidate", "Each round re-scores the still-wrong flagged examples and "
-                    "fine-tunes on the training examples it selects (plus a replay sample).", table=tables["history"]),
-            section("Label edits of the chosen candidate", table=edits),
-        ],
-    )
-
-
 @task(cache_policy=NO_CACHE)
 def evaluate(inputs: AuditInputs, repaired: RepairResult, gate_split: ExampleTable, thresholds: GateThresholds,
              onnx_path: Path) -> GateReport:
@@ -197,33 +126,28 @@ def evaluate(inputs: AuditInputs, repaired: RepairResult, gate_split: ExampleTab
                           inputs.loaded.spec.num_classes, thresholds, onnx_path)
 
 
-def correction_tables(searched: SearchResult) -> dict[str, pd.DataFrame]:
-    """The logged tables: every candidate tried, and the chosen one's label edits and rounds
-    (empty when none was chosen)."""
-    repaired = searched.chosen.repair if searched.chosen else None
-    relabels = repaired.relabels if repaired else {}
-    return {"candidates": searched.table(),
-            "relabels": pd.DataFrame({"train_id": list(relabels), "proposed_label": list(relabels.values())}),
-            "history": pd.DataFrame(list(repaired.history) if repaired else [])}
+@task(cache_policy=NO_CACHE)
+def log_correction(findings: CorrectionFindings, inputs: AuditInputs, settings: CorrectionSettings,
+                   onnx_path: Path) -> None:
+    """Metrics, params, tables, gates.json, the horizon plot and report.html, before any registry call."""
+    folder = onnx_path.parent
+    image = horizon_plot(findings.horizon, folder / "influence_horizon.png")
+    labels = dict(zip(inputs.train.ids, inputs.train.labels.tolist(), strict=True))
+    report = render_correction_report(folder / "report.html", findings, labels, image)
+    audit_log.log_correction(findings, correction_metrics(findings, inputs.label_noise),
+                             correction_params(findings, settings.selection_fraction), report,
+                             folder / "influence_horizon.png", onnx_path)
 
 
-def relabel_precision(relabels: dict[str, int], noise: pd.DataFrame) -> float | None:
-    """Fraction of applied relabels that restore a flipped label to its clean value (demo only)."""
-    if not relabels:
-        return None
-    clean = dict(zip(noise["example_id"], noise["clean_label"], strict=True))
-    noisy = dict(zip(noise["example_id"], noise["noisy_label"], strict=True))
-    hits = sum(1 for i, y in relabels.items() if clean[i] != noisy[i] and clean[i] == y)
-    return hits / len(relabels)
-
-
-def relabelled(train: ExampleTable, relabels: dict[str, int]) -> ExampleTable:
-    """The training table with the repair's relabels applied (the corrected model's lineage)."""
-    labels = train.labels.clone()
-    position = {i: n for n, i in enumerate(train.ids)}
-    for example_id, label in relabels.items():
-        labels[position[example_id]] = label
-    return train.with_labels(labels)
+@task(cache_policy=NO_CACHE)
+def register(inputs: AuditInputs, repaired: RepairResult) -> str:
+    """Log the repaired model with its lineage (relabels applied) and register it as challenger."""
+    log_training_data(inputs.train.relabelled(repaired.relabels), inputs.validation)
+    if inputs.label_noise is not None:
+        log_label_noise(tuple(inputs.label_noise["example_id"]), inputs.label_noise["clean_label"],
+                        inputs.label_noise["noisy_label"])
+    uri = log_classifier(repaired.model, inputs.loaded.spec)
+    return register_challenger(uri, inputs.loaded.name, inputs.loaded.version, inputs.audit_run_id)
 
 
 @flow(name="correct")
@@ -238,56 +162,26 @@ def correct(settings: CorrectionSettings, audit_run_id: str,
     candidates = candidates or settings.repair_candidates()
     thresholds = settings.thresholds()
     inputs = load_audit(audit_run_id)
-    loaded = inputs.loaded
     horizon = measure_horizon(inputs, candidates[0].config)
+    # re-score before the influence estimate goes stale (Schioppa et al. 2023)
     budget = trusted_steps(horizon, settings.min_horizon_correlation)
     selection, gate_split = selection_split(inputs.validation, settings.selection_fraction)
-    # re-score before the influence estimate goes stale (Schioppa et al. 2023)
     searched = search(inputs, selection, thresholds, candidates, budget)
     chosen = searched.chosen
+    loaded = inputs.loaded
     tags = RunTags(loaded.name, loaded.version, "correction", inputs.flagged_digest, audit_run_id)
     with mlflow.start_run(run_name=f"correct {loaded.name} v{loaded.version}", tags=tags.to_mlflow()) as run:
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             gates = evaluate(inputs, chosen.repair, gate_split, thresholds, onnx_path) if chosen else None
-            if onnx_path.exists():
-                mlflow.log_artifact(str(onnx_path), artifact_path="onnx")
-            metrics = gates.metrics() if gates else {}
-            metrics.update({"candidates_tried": len(searched.outcomes), "step_budget": budget,
-                            "candidates_passed_selection": sum(o.selection.passed for o in searched.outcomes)})
-            if chosen:
-                repaired = chosen.repair
-                if inputs.label_noise is not None and repaired.relabels:
-                    metrics["relabel_precision"] = relabel_precision(repaired.relabels, inputs.label_noise)
-                metrics.update({"steps_taken": repaired.steps_taken, "rounds": repaired.rounds,
-                                "n_relabels": len(repaired.relabels)})
-                mlflow.log_params({f"correction.{k}": v for k, v in vars(chosen.candidate.config).items()})
-            mlflow.log_params({"correction.candidate": chosen.candidate.name if chosen else "none",
-                               "correction.selection_fraction": settings.selection_fraction})
-            horizon_png = log_horizon(horizon)
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-            if gates:
-                audit_log.log_json(gates.to_dict(), "gates.json", artifact_dir="correction")
-            tables = correction_tables(searched)
-            audit_log.log_tables(tables, artifact_dir="correction")
-            passed = bool(gates and gates.passed)
-            mlflow.set_tag(tag_keys.GATES, tag_keys.GATES_PASSED if passed else tag_keys.GATES_FAILED)
-            result = CorrectionResult(run.info.run_id, searched, gates, None, metrics)
-            report = correction_report(Path(tmp) / "report.html", inputs, result, (len(selection), len(gate_split)),
-                                       tables, horizon, horizon_png, budget, settings.min_horizon_correlation)
-            audit_log.log_files([report], artifact_dir="correction")
-        version = None
-        if passed:
-            repaired = chosen.repair
-            log_training_data(relabelled(inputs.train, repaired.relabels), inputs.validation)
-            if inputs.label_noise is not None:
-                log_label_noise(tuple(inputs.label_noise["example_id"]), inputs.label_noise["clean_label"],
-                                inputs.label_noise["noisy_label"])
-            uri = log_classifier(repaired.model, loaded.spec)
-            version = register_challenger(uri, loaded.name, loaded.version, audit_run_id)
-            logger.info("registered %s version %s as challenger (candidate %s)", loaded.name, version,
-                        chosen.candidate.name)
-        else:
-            for reason in result.failure_reasons():
-                logger.warning("not registered: %s", reason)
-    return CorrectionResult(run.info.run_id, searched, gates, version, metrics)
+            findings = CorrectionFindings(loaded.name, loaded.version, len(inputs.flagged), searched, gates, horizon,
+                                          budget, settings.min_horizon_correlation, (len(selection), len(gate_split)))
+            log_correction(findings, inputs, settings, onnx_path)
+        version = register(inputs, chosen.repair) if findings.passed else None
+    for reason in failure_reasons(searched, gates) if version is None else []:
+        logger.warning("not registered: %s", reason)
+    if version is not None:
+        logger.info("registered %s version %s as challenger (candidate %s)", loaded.name, version,
+                    chosen.candidate.name)
+    return CorrectionResult(run.info.run_id, searched, gates, version,
+                            correction_metrics(findings, inputs.label_noise))

@@ -10,7 +10,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from audit.correction.report import CorrectionFindings, correction_tables
+from registry_hooks import tags
+
 AUDIT_DIR = "audit"
+CORRECTION_DIR = "correction"
 
 
 def log_tables(tables: dict[str, pd.DataFrame], artifact_dir: str = AUDIT_DIR) -> None:
@@ -39,3 +43,25 @@ def load_table(run_id: str, name: str, artifact_dir: str = AUDIT_DIR) -> pd.Data
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{artifact_dir}/{name}.parquet",
                                                     dst_path=tmp)
         return pd.read_parquet(local)
+
+
+def log_correction(findings: CorrectionFindings, metrics: dict[str, float], params: dict[str, object],
+                   report: Path, horizon_png: Path, onnx: Path | None) -> None:
+    """Everything a correction run logs, before any registry call: the horizon as metrics
+    `horizon_pearson` / `horizon_spearman` (MLflow step = fine-tuning steps), `metrics` and
+    `params`, `correction/gates.json` (when a candidate was gated), the tables
+    (`influence_horizon`, `candidates`, `relabels`, `history`), report.html and the horizon plot,
+    the ONNX export under `onnx/`, and tag `audit.gates=passed|failed`."""
+    for row in findings.horizon.itertuples(index=False):
+        mlflow.log_metrics({"horizon_pearson": float(row.pearson), "horizon_spearman": float(row.spearman)},
+                           step=int(row.steps))
+    mlflow.log_params(params)
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+    if findings.gates is not None:
+        log_json(findings.gates.to_dict(), "gates.json", artifact_dir=CORRECTION_DIR)
+    log_tables({"influence_horizon": findings.horizon, **correction_tables(findings.search)},
+               artifact_dir=CORRECTION_DIR)
+    log_files([report, horizon_png], artifact_dir=CORRECTION_DIR)
+    if onnx is not None and onnx.exists():
+        log_files([onnx], artifact_dir="onnx")
+    mlflow.set_tag(tags.GATES, tags.GATES_PASSED if findings.passed else tags.GATES_FAILED)

@@ -92,3 +92,18 @@ def test_default_candidates_have_distinct_names_and_valid_configs():
     names = [c.name for c in DEFAULT_CANDIDATES]
     assert len(names) == len(set(names)) >= 2
     assert all(isinstance(c.config, CorrectionConfig) for c in DEFAULT_CANDIDATES)
+
+
+def test_the_report_tables_and_reasons_follow_the_search(setup):
+    from audit.correction.report import correction_tables, failure_reasons
+
+    model, splits, flagged, selection = setup
+    chosen = search_repairs(model, splits.train, flagged, selection, 10, GateThresholds(min_fix_rate=0.0), (NO_OP,))
+    tables = correction_tables(chosen)
+    assert list(tables["candidates"]["candidate"]) == ["no-op"]
+    assert len(tables["history"]) == chosen.chosen.repair.rounds
+    assert list(tables["relabels"].columns) == ["train_id", "proposed_label"]
+    none = search_repairs(model, splits.train, flagged, selection, 10, GateThresholds(min_fix_rate=1.0), (NO_OP,))
+    assert len(correction_tables(none)["history"]) == 0 and len(correction_tables(none)["relabels"]) == 0
+    (reason,) = failure_reasons(none, None)
+    assert reason.startswith("no repair candidate passed the gates on the selection split (no-op: fix rate 0.00")

@@ -44,3 +44,13 @@ def test_digits_noise_flips_exactly_the_requested_fraction(digits_splits):
     assert flipped.sum().item() == round(0.1 * len(digits_splits.train))
     assert not set(digits_splits.train.ids) & set(digits_splits.production.ids)
     assert not set(digits_splits.validation.ids) & set(digits_splits.production.ids)
+
+
+def test_relabelled_replaces_only_the_named_labels():
+    import torch
+
+    from audit.examples import ExampleTable
+
+    table = ExampleTable(("a", "b", "c"), torch.zeros(3, 1, 8, 8), torch.tensor([1, 2, 3]))
+    edited = table.relabelled({"c": 7, "a": 0})
+    assert edited.labels.tolist() == [0, 2, 7] and edited.ids == table.ids and table.labels.tolist() == [1, 2, 3]
