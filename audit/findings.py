@@ -4,8 +4,11 @@ mislabelled. Column names follow DESIGN.md's MLflow layout; sign convention as e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import torch
+from torch import nn
 
 from audit.examples import ExampleTable
 from audit.influence import top_influences
@@ -41,3 +44,41 @@ def self_influence_table(self_scores: torch.Tensor, train: ExampleTable) -> pd.D
             "rank": range(1, len(order) + 1),
         }
     )
+
+
+@dataclass(frozen=True)
+class AuditFindings:
+    """Everything an audit reports: the tables it logs (`influence`, `self_influence`,
+    `correction_candidates`), the scores behind them (`scores` [Q, N], sign as above), and what
+    they were computed on. `predicted` [Q] are the model's wrong predictions."""
+
+    model_name: str
+    model_version: str
+    method: str
+    flagged: ExampleTable
+    predicted: torch.Tensor
+    train: ExampleTable
+    scores: torch.Tensor
+    influence: pd.DataFrame
+    self_influence: pd.DataFrame
+    candidates: pd.DataFrame
+
+    @property
+    def n_relabel_candidates(self) -> int:
+        return int((self.candidates["action"] == "relabel").sum()) if len(self.candidates) else 0
+
+
+def build_findings(model: nn.Module, model_name: str, model_version: str, method: str, train: ExampleTable,
+                   flagged: ExampleTable, predicted: torch.Tensor, scores: torch.Tensor, self_scores: torch.Tensor,
+                   top_k: int) -> AuditFindings:
+    """The audit's findings from its scores: `scores` [Q, N] of `train` against `flagged` (at the
+    reviewer's labels), `self_scores` [N], the model's wrong predictions `predicted` [Q]; `top_k`
+    helpful and harmful examples are kept per flagged example, and per correction proposal."""
+    from audit.correction import propose_corrections
+    from audit.training import predict_logits
+
+    train_probs = predict_logits(model, train.inputs).softmax(dim=1)  # [N, C]
+    candidates = propose_corrections(scores, train, flagged, predicted, self_scores, k=top_k, train_probs=train_probs)
+    return AuditFindings(model_name, model_version, method, flagged, predicted, train, scores,
+                         influence_table(scores, flagged, predicted, train, top_k),
+                         self_influence_table(self_scores, train), candidates)

@@ -2,7 +2,7 @@
 lineage, score every training example against every flagged example, log the findings.
 
 Stages in order: fetch_flagged, validate_flagged, load_model, recover_training_data,
-score_queries, build_findings, log_audit.
+score_queries, build (audit.findings.build_findings), log_audit.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from audit.audit_report import render_audit_report
 from audit.errors import InvalidFlaggedBatch
 from audit.examples import ExampleTable
-from audit.findings import influence_table, self_influence_table
+from audit.findings import AuditFindings, build_findings
 from audit.flagged import batch_digest, batch_files, flagged_table, read_batch_file
-from audit.influence import influence_scores, self_influence, top_influences
-from audit.report import image_grid, png_data, render_report, section
-from audit.training import predict_logits
+from audit.influence import influence_scores, self_influence
 from audit.validation import BatchValidation, validate_flagged_frame
 from flows.settings import AuditSettings
 from registry_hooks import audit_log
@@ -99,76 +98,27 @@ def score_queries(model: torch.nn.Module, train: ExampleTable, flagged: ExampleT
     return scores, self_scores
 
 
-def _proponent_grid(scores: torch.Tensor, flagged: ExampleTable, predicted: torch.Tensor, train: ExampleTable,
-                    per_side: int = 4):
-    """Figure: per flagged example, itself then its top harmful and top helpful training images."""
-    shown = min(len(flagged), 20)
-    top = top_influences(scores[:shown], per_side)
-    images, captions = [], []
-    for q in range(shown):
-        images.append(flagged.inputs[q])
-        captions.append(f"{int(flagged.labels[q])} (model: {int(predicted[q])})")
-        for label, idx in (("-", top.opponents[q]), ("+", top.proponents[q])):
-            for i in idx.tolist():
-                images.append(train.inputs[i])
-                captions.append(f"{label} label {int(train.labels[i])}")
-    return image_grid(torch.stack(images), captions, columns=1 + 2 * per_side)
+@task(cache_policy=NO_CACHE)
+def build(settings: AuditSettings, loaded: LoadedModel, training: TrainingData, flagged: ExampleTable,
+          predicted: torch.Tensor, scores: torch.Tensor, self_scores: torch.Tensor) -> AuditFindings:
+    """The findings: influence and self-influence tables and the correction candidates."""
+    return build_findings(loaded.model, loaded.name, loaded.version, settings.method, training.train, flagged,
+                          predicted, scores, self_scores, settings.top_k)
 
 
 @task(cache_policy=NO_CACHE)
-def log_audit(settings: AuditSettings, loaded: LoadedModel, training: TrainingData, frame: pd.DataFrame,
-              validation: BatchValidation, flagged: ExampleTable, predicted: torch.Tensor,
-              scores: torch.Tensor, self_scores: torch.Tensor) -> AuditResult:
-    """Build the findings and log them, with the report, into one MLflow run tagged per DESIGN.md."""
-    from audit.correction import propose_corrections
-
-    train = training.train
-    influence = influence_table(scores, flagged, predicted, train, settings.top_k)
-    self_table = self_influence_table(self_scores, train)
-    train_probs = predict_logits(loaded.model, train.inputs).softmax(dim=1)  # [N, C]
-    candidates = propose_corrections(scores, train, flagged, predicted, self_scores, k=settings.top_k,
-                                     train_probs=train_probs)
+def log_audit(settings: AuditSettings, findings: AuditFindings, training: TrainingData, frame: pd.DataFrame,
+              validation: BatchValidation) -> AuditResult:
+    """One MLflow run tagged per DESIGN.md with the findings, the report and the audited batch."""
     digest = batch_digest(frame)
-    tags = RunTags(loaded.name, loaded.version, "audit", digest)
-    with mlflow.start_run(run_name=f"audit {loaded.name} v{loaded.version}", tags=tags.to_mlflow()) as run:
-        mlflow.log_params({"method": settings.method, "top_k": settings.top_k, "n_flagged": len(flagged),
-                           "n_train": len(train), "train_digest": training.digests["train"]})
-        mlflow.log_metrics({"n_flagged": len(flagged), "n_candidates": len(candidates),
-                            "n_relabel_candidates":
-                                int((candidates["action"] == "relabel").sum()) if len(candidates) else 0})
-        audit_log.log_tables({"influence": influence, "self_influence": self_table,
-                              "correction_candidates": candidates, "flagged": frame})
-        audit_log.log_json(validation.result, "flagged_validation.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            grid = _proponent_grid(scores, flagged, predicted, train)
-            grid_path = Path(tmp) / "influence_grid.png"
-            grid.savefig(grid_path, dpi=90, bbox_inches="tight")
-            report = render_report(
-                Path(tmp) / "report.html",
-                title=f"Audit of {loaded.name} version {loaded.version}",
-                summary=(f"{len(flagged)} flagged mispredictions scored against {len(train)} training examples "
-                         f"with method `{settings.method}`; {len(candidates)} correction candidates."),
-                sections=[
-                    section("Flagged examples and the training examples behind them",
-                            "Each row: the flagged image captioned with the reviewer's label (and the model's wrong "
-                            "prediction), then its most harmful (-) "
-                            "and most helpful (+) training examples.", image=png_data(grid)),
-                    section("Correction candidates",
-                            "What to change in the training data, one row per training example, with its evidence "
-                            "(the flagged examples it harms, its scores and its harmfulness ranks among all "
-                            "training examples). relabel: a harmful example labelled as the wrong prediction, "
-                            "with the proposed label and why (the reviewer's label, or the model's confident "
-                            "prediction when that is more plausible). remove: harmful and labelled as the wrong "
-                            "prediction, but no label is plausible. review: check by hand, either because the "
-                            "model fits its label although it is harmful, or because its self-influence is "
-                            "extreme (unusual for the model, possibly mislabelled). The correct flow applies "
-                            "relabels only after re-scoring and logs the ones it used.", table=candidates),
-                    section("Most unusual training examples (self-influence)", table=self_table.head(25)),
-                    section("Top influences per flagged example", table=influence),
-                ],
-            )
-            audit_log.log_files([report, grid_path])
-    return AuditResult(run.info.run_id, loaded.name, loaded.version, len(flagged), len(train), len(candidates), digest)
+    tags = RunTags(findings.model_name, findings.model_version, "audit", digest)
+    params = {"method": settings.method, "top_k": settings.top_k, "n_flagged": len(findings.flagged),
+              "n_train": len(findings.train), "train_digest": training.digests["train"]}
+    with mlflow.start_run(run_name=f"audit {findings.model_name} v{findings.model_version}",
+                          tags=tags.to_mlflow()) as run, tempfile.TemporaryDirectory() as tmp:
+        audit_log.log_audit(findings, params, frame, validation.result, list(render_audit_report(Path(tmp), findings)))
+    return AuditResult(run.info.run_id, findings.model_name, findings.model_version, len(findings.flagged),
+                       len(findings.train), len(findings.candidates), digest)
 
 
 def _archive(files: list[Path], workdir: Path, run_id: str) -> None:
@@ -192,7 +142,8 @@ def audit(settings: AuditSettings) -> AuditResult:
     training = recover_training(ref.run_id, ref.spec)
     scores, self_scores = score_queries(loaded.model, training.train, flagged, settings.method,
                                         settings.workdir / "cache" / "influence")
-    result = log_audit(settings, loaded, training, frame, validation, flagged, predicted, scores, self_scores)
+    findings = build(settings, loaded, training, flagged, predicted, scores, self_scores)
+    result = log_audit(settings, findings, training, frame, validation)
     _archive(files, settings.workdir, result.run_id)
     logger.info("audit run %s: %d flagged, %d candidates", result.run_id, result.n_flagged, result.n_candidates)
     return result

@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 
 from audit.correction.report import CorrectionFindings, correction_tables
+from audit.findings import AuditFindings
 from registry_hooks import tags
 
 AUDIT_DIR = "audit"
@@ -65,3 +66,17 @@ def log_correction(findings: CorrectionFindings, metrics: dict[str, float], para
     if onnx is not None and onnx.exists():
         log_files([onnx], artifact_dir="onnx")
     mlflow.set_tag(tags.GATES, tags.GATES_PASSED if findings.passed else tags.GATES_FAILED)
+
+
+def log_audit(findings: AuditFindings, params: dict[str, object], frame: pd.DataFrame, validation: dict,
+              files: list[Path]) -> None:
+    """Everything an audit run logs (DESIGN.md "MLflow layout"): `params`, the counts as metrics,
+    the findings' tables and the audited batch (`flagged`) as Parquet under `audit/`, the batch's
+    validation result as `audit/flagged_validation.json`, and `files` (report, grid)."""
+    mlflow.log_params(params)
+    mlflow.log_metrics({"n_flagged": len(findings.flagged), "n_candidates": len(findings.candidates),
+                        "n_relabel_candidates": findings.n_relabel_candidates})
+    log_tables({"influence": findings.influence, "self_influence": findings.self_influence,
+                "correction_candidates": findings.candidates, "flagged": frame})
+    log_json(validation, "flagged_validation.json")
+    log_files(files)
