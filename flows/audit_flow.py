@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import torch
 from prefect import flow, get_run_logger, task
@@ -114,10 +113,10 @@ def log_audit(settings: AuditSettings, findings: AuditFindings, training: Traini
     tags = RunTags(findings.model_name, findings.model_version, "audit", digest)
     params = {"method": settings.method, "top_k": settings.top_k, "n_flagged": len(findings.flagged),
               "n_train": len(findings.train), "train_digest": training.digests["train"]}
-    with mlflow.start_run(run_name=f"audit {findings.model_name} v{findings.model_version}",
-                          tags=tags.to_mlflow()) as run, tempfile.TemporaryDirectory() as tmp:
+    with audit_log.mlflow_run(f"audit {findings.model_name} v{findings.model_version}", tags) as run_id, \
+            tempfile.TemporaryDirectory() as tmp:
         audit_log.log_audit(findings, params, frame, validation.result, list(render_audit_report(Path(tmp), findings)))
-    return AuditResult(run.info.run_id, findings.model_name, findings.model_version, len(findings.flagged),
+    return AuditResult(run_id, findings.model_name, findings.model_version, len(findings.flagged),
                        len(findings.train), len(findings.candidates), digest)
 
 

@@ -176,10 +176,7 @@ def register_webhook_command(
     url: str = typer.Option("http://127.0.0.1:8765/mlflow/webhook", help="Where `model-audit serve` listens."),
 ) -> None:
     """Create or update the MLflow webhook that tells `model-audit serve` when an alias moves."""
-    from mlflow import MlflowClient
+    from registry_hooks.webhooks import register_webhook_at
 
-    from registry_hooks.webhooks import register_webhook
-
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # not a registry URI set elsewhere
-    webhook_id = _run(lambda: register_webhook(client, url, _webhook_secret()))
+    webhook_id = _run(lambda: register_webhook_at(tracking_uri, url, _webhook_secret()))
     typer.echo(f"webhook {webhook_id}: model_version_alias.created -> {url}")

@@ -14,9 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pandas as pd
-from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -38,7 +36,6 @@ from audit.correction.report import (
     horizon_plot,
     render_correction_report,
 )
-from audit.errors import AuditError
 from audit.examples import ExampleTable
 from audit.flagged import flagged_table
 from audit.gates import GateReport, GateThresholds, evaluate_gates
@@ -84,17 +81,7 @@ class AuditInputs:
 @task(cache_policy=NO_CACHE)
 def load_audit(audit_run_id: str) -> AuditInputs:
     """The audited version, its lineage-checked data and the flagged batch logged by the audit."""
-    try:
-        run = MlflowClient().get_run(audit_run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        raise AuditError(f"No audit run {audit_run_id} in this MLflow store.") from exc
-    tags = RunTags.from_mlflow(run.data.tags, audit_run_id)
-    if tags.kind != "audit":
-        raise AuditError(f"Run {audit_run_id} is not an audit run (it is a {tags.kind} run).")
-    if run.info.status != "FINISHED":
-        # an audit that died after it started logging has partial artifacts: never repair from it
-        raise AuditError(f"Audit run {audit_run_id} is {run.info.status}, not FINISHED; only a completed audit "
-                         "can be corrected (re-run the audit).")
+    tags = audit_log.finished_audit(audit_run_id)
     ref = resolve_version(tags.model_name, version=tags.model_version)
     training = recover_training_data(ref.run_id, ref.spec.input_shape)
     flagged, _ = flagged_table(audit_log.load_table(audit_run_id, "flagged"), ref.spec.input_shape)
@@ -170,7 +157,7 @@ def correct(settings: CorrectionSettings, audit_run_id: str,
     chosen = searched.chosen
     loaded = inputs.loaded
     tags = RunTags(loaded.name, loaded.version, "correction", inputs.flagged_digest, audit_run_id)
-    with mlflow.start_run(run_name=f"correct {loaded.name} v{loaded.version}", tags=tags.to_mlflow()) as run:
+    with audit_log.mlflow_run(f"correct {loaded.name} v{loaded.version}", tags) as run_id:
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             gates = evaluate(inputs, chosen.repair, gate_split, thresholds, onnx_path) if chosen else None
@@ -183,5 +170,5 @@ def correct(settings: CorrectionSettings, audit_run_id: str,
     if version is not None:
         logger.info("registered %s version %s as challenger (candidate %s)", loaded.name, version,
                     chosen.candidate.name)
-    return CorrectionResult(run.info.run_id, searched, gates, version,
+    return CorrectionResult(run_id, searched, gates, version,
                             correction_metrics(findings, inputs.label_noise))

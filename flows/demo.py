@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import mlflow
 import torch
 
 from audit.digits import INPUT_SHAPE, NUM_CLASSES, DigitsSplits, load_digits_splits
@@ -19,6 +18,7 @@ from audit.training import TrainConfig, accuracy, predict_logits, train
 from flows.audit_flow import AuditResult, audit
 from flows.correct_flow import CorrectionResult, correct
 from flows.settings import AuditSettings, CorrectionSettings
+from registry_hooks.audit_log import log_training_run, mlflow_run
 from registry_hooks.lineage import log_label_noise, log_training_data
 from registry_hooks.model_io import ModelSpec, log_classifier
 from registry_hooks.registry import CHAMPION, register_version
@@ -79,11 +79,8 @@ def train_and_register(splits: DigitsSplits, config: TrainConfig, noise_rate: fl
     """Train the demo model on the noisy training split, log run + data lineage, register it as
     `champion`. Returns (run id, version)."""
     model, losses = train_demo_model(splits, config)
-    with mlflow.start_run(run_name=f"train {MODEL_NAME}") as run:
-        mlflow.log_params({"noise_rate": noise_rate, **{f"train.{k}": v for k, v in vars(config).items()}})
-        for epoch, loss in enumerate(losses):
-            mlflow.log_metric("train_loss", loss, step=epoch)
-        mlflow.log_metrics({
+    with mlflow_run(f"train {MODEL_NAME}") as run_id:
+        log_training_run({"noise_rate": noise_rate, **{f"train.{k}": v for k, v in vars(config).items()}}, losses, {
             "train_accuracy": accuracy(model, splits.train.inputs, splits.train.labels),
             "validation_accuracy": accuracy(model, splits.validation.inputs, splits.validation.labels),
             "n_flipped_labels": int(splits.flipped.sum()),
@@ -91,7 +88,7 @@ def train_and_register(splits: DigitsSplits, config: TrainConfig, noise_rate: fl
         log_training_data(splits.train, splits.validation)
         log_label_noise(splits.train.ids, splits.clean_train_labels.tolist(), splits.train.labels.tolist())
         uri = log_classifier(model, ModelSpec(INPUT_SHAPE, NUM_CLASSES))
-    return run.info.run_id, register_version(uri, MODEL_NAME, CHAMPION)
+    return run_id, register_version(uri, MODEL_NAME, CHAMPION)
 
 
 def simulate_production(model_version: str, splits: DigitsSplits, inbox: Path) -> tuple[int, int]:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
 from audit.correction.report import CorrectionFindings, correction_tables
+from audit.errors import AuditError
 from audit.findings import AuditFindings
 from registry_hooks import tags
+from registry_hooks.tags import RunTags
 
 AUDIT_DIR = "audit"
 CORRECTION_DIR = "correction"
@@ -80,3 +84,34 @@ def log_audit(findings: AuditFindings, params: dict[str, object], frame: pd.Data
                 "correction_candidates": findings.candidates, "flagged": frame})
     log_json(validation, "flagged_validation.json")
     log_files(files)
+
+
+@contextmanager
+def mlflow_run(name: str, run_tags: RunTags | None = None):
+    """An MLflow run named `name` (with `run_tags`), active inside the block; yields its id."""
+    with mlflow.start_run(run_name=name, tags=run_tags.to_mlflow() if run_tags else None) as run:
+        yield run.info.run_id
+
+
+def finished_audit(run_id: str) -> RunTags:
+    """The tags of audit run `run_id`, which must exist, be an audit run and have FINISHED (an
+    audit that died after it started logging has partial artifacts); AuditError otherwise."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise AuditError(f"No audit run {run_id} in this MLflow store.") from exc
+    run_tags = RunTags.from_mlflow(run.data.tags, run_id)
+    if run_tags.kind != "audit":
+        raise AuditError(f"Run {run_id} is not an audit run (it is a {run_tags.kind} run).")
+    if run.info.status != "FINISHED":
+        raise AuditError(f"Audit run {run_id} is {run.info.status}, not FINISHED; only a completed audit "
+                         "can be corrected (re-run the audit).")
+    return run_tags
+
+
+def log_training_run(params: dict[str, object], losses: list[float], metrics: dict[str, float]) -> None:
+    """A training run's params, its loss per epoch (`train_loss`, step = epoch) and final metrics."""
+    mlflow.log_params(params)
+    for epoch, loss in enumerate(losses):
+        mlflow.log_metric("train_loss", loss, step=epoch)
+    mlflow.log_metrics(metrics)

@@ -160,6 +160,12 @@ async def _limited_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def register_webhook_at(tracking_uri: str, url: str, secret: str) -> str:
+    """`register_webhook` on the `mlflow server` at `tracking_uri`, named as its registry too (a
+    client otherwise takes its registry URI from any set earlier in the process)."""
+    return register_webhook(MlflowClient(tracking_uri, registry_uri=tracking_uri), url, secret)
+
+
 def register_webhook(client: MlflowClient, url: str, secret: str, name: str = "model-audit") -> str:
     """Create (or update, when one named `name` exists) the MLflow webhook that POSTs
     model_version_alias.created events to `url`, signed with `secret`; returns its id.
