@@ -2,12 +2,15 @@
 the options the curvature depends on (damping is applied later, so one entry serves all dampings).
 
 A file `curvature-<method>-<digest>.pt` holds the full key next to the tensors; an entry whose
-stored key differs is ignored and rewritten, never mixed with other results.
+stored key differs is ignored and rewritten, never mixed with other results. Beside it,
+`<file>.sha256` holds the SHA-256 of its bytes: an entry whose bytes do not match (a torn copy, a
+corrupted disk, an edited file) is deleted and recomputed, never unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,9 +68,22 @@ def _to_cpu(value):
     return value
 
 
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def load(cache_dir: str | os.PathLike, method: str, key: str) -> dict | None:
+    """The cached curvature state for `key`, or None when there is none, it was made for another
+    key, or its bytes fail their checksum (then the entry is deleted so it gets recomputed)."""
     path = Path(cache_dir) / f"curvature-{method}-{key[:24]}.pt"
     if not path.exists():
+        return None
+    checksum = _checksum_path(path)
+    expected = checksum.read_text().strip() if checksum.exists() else None
+    if expected != hashlib.sha256(path.read_bytes()).hexdigest():
+        logging.getLogger(__name__).warning("influence cache entry %s is damaged; recomputing it", path.name)
+        path.unlink(missing_ok=True)
+        checksum.unlink(missing_ok=True)
         return None
     entry = torch.load(path, map_location="cpu", weights_only=True)
     return entry["state"] if entry.get("key") == key else None
@@ -80,5 +96,11 @@ def save(cache_dir: str | os.PathLike, method: str, key: str, state: dict) -> Pa
     path = folder / f"curvature-{method}-{key[:24]}.pt"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"key": key, "state": _to_cpu(state)}, tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    # the checksum goes last: an entry without a matching one is never trusted
+    _checksum_path(path).unlink(missing_ok=True)
     os.replace(tmp, path)
+    checksum_tmp = _checksum_path(tmp)
+    checksum_tmp.write_text(digest + "\n")
+    os.replace(checksum_tmp, _checksum_path(path))
     return path

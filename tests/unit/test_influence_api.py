@@ -97,6 +97,21 @@ def test_cache_dir_reuses_the_fitted_curvature(tmp_path):
     )
 
 
+def test_a_damaged_cache_entry_is_recomputed_not_unpickled(tmp_path):
+    model, data = _mlp(), _data()
+    first = influence_scores(model, data, data, method="ekfac", cache_dir=tmp_path, progress=False)
+    (entry,) = tmp_path.glob("curvature-ekfac-*.pt")
+    assert entry.with_name(entry.name + ".sha256").read_text().strip()
+    for damage in (b"\x80\x02garbage", entry.read_bytes()[: entry.stat().st_size // 2]):
+        entry.write_bytes(damage)  # random bytes, then a torn write
+        again = influence_scores(model, data, data, method="ekfac", cache_dir=tmp_path, progress=False)
+        torch.testing.assert_close(again, first)
+        assert entry.read_bytes() != damage  # rewritten whole
+    entry.with_name(entry.name + ".sha256").unlink()  # an entry without its checksum is not trusted either
+    torch.testing.assert_close(influence_scores(model, data, data, method="ekfac", cache_dir=tmp_path,
+                                                progress=False), first)
+
+
 def test_seeded_methods_are_deterministic():
     model, data = _mlp(), _data()
     for method, options in (("arnoldi", {"rank": 3, "seed": 7}), ("ekfac", {"fisher_samples": 2, "seed": 7})):
