@@ -49,12 +49,17 @@ class AuditResult:
 
 
 @task(cache_policy=NO_CACHE)
-def fetch_flagged(inbox: Path) -> tuple[list[Path], pd.DataFrame]:
-    """Read every batch file in the inbox into one frame."""
+def fetch_flagged(inbox: Path, workdir: Path) -> tuple[list[Path], pd.DataFrame]:
+    """Read every batch file in the inbox into one frame; a file that cannot be read sends the
+    whole batch to quarantine, like a failed validation, so it cannot block later runs."""
     files = batch_files(inbox)
     if not files:
         raise InvalidFlaggedBatch(f"The inbox {inbox} holds no Parquet or CSV flagged batch.")
-    frames = [read_batch_file(f) for f in files]
+    try:
+        frames = [read_batch_file(f) for f in files]
+    except InvalidFlaggedBatch as exc:
+        folder = quarantine(files, workdir, {"success": False, "error": str(exc)})
+        raise InvalidFlaggedBatch(f"{exc} The batch was moved to {folder}.") from None
     return files, pd.concat(frames, ignore_index=True)
 
 
@@ -64,14 +69,19 @@ def validate_flagged(files: list[Path], frame: pd.DataFrame, spec: ModelSpec, wo
     and fail with a sentence naming the failed checks."""
     result = validate_flagged_frame(frame, spec.num_classes, math.prod(spec.input_shape))
     if not result.success:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        quarantine = workdir / "quarantine" / stamp
-        quarantine.mkdir(parents=True)
-        for f in files:
-            shutil.move(str(f), quarantine / f.name)
-        (quarantine / "flagged_validation.json").write_text(json.dumps(result.result, indent=2, default=str))
-        raise InvalidFlaggedBatch(f"{result.summary()} The batch was moved to {quarantine}.")
+        folder = quarantine(files, workdir, result.result)
+        raise InvalidFlaggedBatch(f"{result.summary()} The batch was moved to {folder}.")
     return result
+
+
+def quarantine(files: list[Path], workdir: Path, outcome: dict) -> Path:
+    """Move a refused batch's files to `<workdir>/quarantine/<stamp>/` with `flagged_validation.json`."""
+    folder = workdir / "quarantine" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    folder.mkdir(parents=True)
+    for f in files:
+        shutil.move(str(f), folder / f.name)
+    (folder / "flagged_validation.json").write_text(json.dumps(outcome, indent=2, default=str))
+    return folder
 
 
 @task(cache_policy=NO_CACHE)
@@ -134,7 +144,7 @@ def audit(settings: AuditSettings) -> AuditResult:
     logger = get_run_logger()
     use_store(settings.workdir, tracking=settings.tracking_uri)
     ref = resolve_version(settings.model_name, alias=settings.alias)
-    files, frame = fetch_flagged(settings.inbox_path)
+    files, frame = fetch_flagged(settings.inbox_path, settings.workdir)
     validation = validate_flagged(files, frame, ref.spec, settings.workdir)
     flagged, predicted = flagged_table(frame, ref.spec.input_shape)
     loaded = load_model(ref)

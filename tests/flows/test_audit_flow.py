@@ -75,3 +75,15 @@ def test_a_bad_batch_is_quarantined_and_nothing_is_logged(prefect_harness, regis
     assert (quarantined / "bad.parquet").exists()
     assert json.loads((quarantined / "flagged_validation.json").read_text())["success"] is False
     assert len(MlflowClient().search_model_versions("name='m'")) == 1
+
+
+def test_an_unreadable_file_quarantines_the_batch_so_later_runs_are_not_blocked(prefect_harness, registered):
+    workdir, frame = registered
+    write_batch(frame, workdir / "inbox" / "good.parquet")
+    (workdir / "inbox" / "torn.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(InvalidFlaggedBatch, match=r"Cannot read flagged batch torn.parquet: .* The batch was moved to"):
+        audit(AuditSettings(workdir=workdir, model_name="m"))
+    assert not any((workdir / "inbox").iterdir())
+    (quarantined,) = (workdir / "quarantine").iterdir()
+    assert {p.name for p in quarantined.iterdir()} == {"good.parquet", "torn.parquet", "flagged_validation.json"}
+    assert "torn.parquet" in json.loads((quarantined / "flagged_validation.json").read_text())["error"]
