@@ -12,6 +12,10 @@ class InvalidFlaggedBatch(AuditError):
     """The flagged batch failed validation; nothing downstream ran."""
 
 
+class EmptyInbox(InvalidFlaggedBatch):
+    """Nothing to audit: the inbox holds no batch, or another run claimed it first."""
+
+
 class LineageError(AuditError):
     """The training data of a model cannot be recovered, or it does not match its digest."""
 

@@ -48,6 +48,7 @@ def audit_deployment(service: ServiceSettings):
     audited = f"{service.audit.model_name}@{service.audit.alias}"
     return audit_and_correct.to_deployment(
         name=DEPLOYMENT, cron=service.cron, parameters=service.parameters(), tags=["model-audit"],
+        concurrency_limit=1,  # one audit of the inbox at a time; the claim guards the rest
         description=f"Audit {audited} against its inbox and repair it behind the gates.")
 
 

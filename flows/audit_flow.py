@@ -1,7 +1,8 @@
 """Prefect flow `audit`: validate a flagged batch, load the model and its training data through
 lineage, score every training example against every flagged example, log the findings.
 
-Stages in order: fetch_flagged, validate_flagged, load_model, recover_training_data,
+Stages in order: recover_claims (batches of runs that died), claim (the inbox's batch, renamed
+into a claim folder so no other run reads it), fetch_flagged, validate_flagged, load_model, recover_training_data,
 score_queries, build (audit.findings.build_findings), log_audit.
 """
 
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,12 +20,14 @@ import pandas as pd
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from audit.audit_report import render_audit_report
-from audit.errors import InvalidFlaggedBatch
+from audit.errors import EmptyInbox, InvalidFlaggedBatch
 from audit.examples import ExampleTable
 from audit.findings import AuditFindings, build_findings
-from audit.flagged import batch_digest, batch_files, flagged_table, read_batch_file
+from audit.flagged import batch_digest, flagged_table, read_batch_file
+from audit.inbox import claim_batch, move_files, requeue, stale_claims
 from audit.influence import influence_scores, self_influence
 from audit.validation import BatchValidation, validate_flagged_frame
 from flows.settings import AuditSettings
@@ -49,18 +52,45 @@ class AuditResult:
 
 
 @task(cache_policy=NO_CACHE)
-def fetch_flagged(inbox: Path, workdir: Path) -> tuple[list[Path], pd.DataFrame]:
-    """Read every batch file in the inbox into one frame; a file that cannot be read sends the
-    whole batch to quarantine, like a failed validation, so it cannot block later runs."""
-    files = batch_files(inbox)
+def recover_claims(settings: AuditSettings) -> None:
+    """Hand back the batches of runs that died holding a claim: a batch an audit already logged in
+    full is archived under that run; an audit left RUNNING is marked FAILED and its batch re-queued."""
+    inbox = settings.workdir / "inbox"
+    for claim in stale_claims(settings.workdir / "claims", settings.claim_timeout_s):
+        files = sorted(p for p in claim.iterdir() if p.is_file())
+        try:
+            runs = audit_log.audit_runs_for_batch(batch_digest(pd.concat([read_batch_file(f) for f in files])))
+        except InvalidFlaggedBatch:  # unreadable: the next run quarantines it
+            runs = {}
+        finished = [run_id for run_id, status in runs.items() if status == "FINISHED"]
+        if finished:
+            move_files(files, settings.workdir / "processed" / finished[0])
+            continue
+        for run_id in (r for r, status in runs.items() if status == "RUNNING"):
+            audit_log.mark_failed(run_id)
+        requeue(claim, inbox)
+
+
+@task(cache_policy=NO_CACHE)
+def claim(settings: AuditSettings, claim_id: str) -> list[Path]:
+    """This run's batch, moved out of the inbox before anything reads it; EmptyInbox when there is
+    none, or another run claimed it first."""
+    files = claim_batch(settings.inbox_path, settings.workdir / "claims", claim_id)
     if not files:
-        raise InvalidFlaggedBatch(f"The inbox {inbox} holds no Parquet or CSV flagged batch.")
+        raise EmptyInbox(f"The inbox {settings.inbox_path} holds no Parquet or CSV flagged batch to claim.")
+    return files
+
+
+@task(cache_policy=NO_CACHE)
+def fetch_flagged(files: list[Path], workdir: Path) -> pd.DataFrame:
+    """Read the claimed batch files into one frame; a file that cannot be read sends the whole
+    batch to quarantine, like a failed validation, so it cannot block later runs."""
     try:
         frames = [read_batch_file(f) for f in files]
     except InvalidFlaggedBatch as exc:
         folder = quarantine(files, workdir, {"success": False, "error": str(exc)})
         raise InvalidFlaggedBatch(f"{exc} The batch was moved to {folder}.") from None
-    return files, pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
 
 
 @task(cache_policy=NO_CACHE)
@@ -76,10 +106,7 @@ def validate_flagged(files: list[Path], frame: pd.DataFrame, spec: ModelSpec, wo
 
 def quarantine(files: list[Path], workdir: Path, outcome: dict) -> Path:
     """Move a refused batch's files to `<workdir>/quarantine/<stamp>/` with `flagged_validation.json`."""
-    folder = workdir / "quarantine" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    folder.mkdir(parents=True)
-    for f in files:
-        shutil.move(str(f), folder / f.name)
+    folder = move_files(files, workdir / "quarantine" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ"))
     (folder / "flagged_validation.json").write_text(json.dumps(outcome, indent=2, default=str))
     return folder
 
@@ -130,21 +157,15 @@ def log_audit(settings: AuditSettings, findings: AuditFindings, training: Traini
                        len(findings.train), len(findings.candidates), digest)
 
 
-def _archive(files: list[Path], workdir: Path, run_id: str) -> None:
-    """Move audited batch files out of the inbox so the next audit sees only new flags."""
-    done = workdir / "processed" / run_id
-    done.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.move(str(f), done / f.name)
-
-
 @flow(name="audit")
 def audit(settings: AuditSettings) -> AuditResult:
     """Audit `settings.model_name@settings.alias` against the flagged batch in the inbox."""
     logger = get_run_logger()
     use_store(settings.workdir, tracking=settings.tracking_uri)
     ref = resolve_version(settings.model_name, alias=settings.alias)
-    files, frame = fetch_flagged(settings.inbox_path, settings.workdir)
+    recover_claims(settings)
+    files = claim(settings, flow_run.get_id() or uuid.uuid4().hex)
+    frame = fetch_flagged(files, settings.workdir)
     validation = validate_flagged(files, frame, ref.spec, settings.workdir)
     flagged, predicted = flagged_table(frame, ref.spec.input_shape)
     loaded = load_model(ref)
@@ -153,6 +174,6 @@ def audit(settings: AuditSettings) -> AuditResult:
                                         settings.workdir / "cache" / "influence")
     findings = build(settings, loaded, training, flagged, predicted, scores, self_scores)
     result = log_audit(settings, findings, training, frame, validation)
-    _archive(files, settings.workdir, result.run_id)
+    move_files(files, settings.workdir / "processed" / result.run_id)
     logger.info("audit run %s: %d flagged, %d candidates", result.run_id, result.n_flagged, result.n_candidates)
     return result

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
+from audit.errors import EmptyInbox
 from audit.flagged import batch_files
 from flows.audit_flow import audit
 from flows.correct_flow import correct
@@ -35,6 +36,10 @@ def audit_and_correct(audit_settings: AuditSettings, correction_settings: Correc
     if not batch_files(audit_settings.inbox_path):
         logger.info("inbox %s holds no flagged batch: nothing to audit", audit_settings.inbox_path)
         return None
-    audited = audit(audit_settings)
+    try:
+        audited = audit(audit_settings)
+    except EmptyInbox:  # another run claimed the batch between the listing and the claim
+        logger.info("another run claimed the batch in %s: nothing to audit", audit_settings.inbox_path)
+        return None
     corrected = correct(correction_settings, audited.run_id)
     return PipelineResult(audited.run_id, corrected.run_id, corrected.registered_version)

@@ -26,6 +26,8 @@ class AuditSettings(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow server URL; default sqlite in workdir")
     method: str = Field("ekfac", description="influence method of audit.influence")
     top_k: int = Field(10, ge=1, le=1000, description="helpful and harmful examples kept per query")
+    claim_timeout_s: float = Field(
+        3600.0, gt=0.0, description="a claimed batch untouched this long belonged to a run that died; it is recovered")
 
     @field_validator("method")
     @classmethod

@@ -109,6 +109,19 @@ def finished_audit(run_id: str) -> RunTags:
     return run_tags
 
 
+def audit_runs_for_batch(flagged_digest: str) -> dict[str, str]:
+    """{run id: status} of the audit runs that audited a batch with this content digest."""
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"tags.`{tags.KIND}` = 'audit' and "
+                                             f"tags.`{tags.FLAGGED_DIGEST}` = '{flagged_digest}'")
+    return {run.info.run_id: run.info.status for run in found}
+
+
+def mark_failed(run_id: str) -> None:
+    """End a run that was left RUNNING by a process that died, as FAILED."""
+    MlflowClient().set_terminated(run_id, status="FAILED")
+
+
 def log_training_run(params: dict[str, object], losses: list[float], metrics: dict[str, float]) -> None:
     """A training run's params, its loss per epoch (`train_loss`, step = epoch) and final metrics."""
     mlflow.log_params(params)

@@ -41,4 +41,5 @@ def test_prefect_yaml_deploys_the_served_deployment(prefect_harness):
     assert stored.parameters == ServiceSettings().parameters()
     assert [s.schedule.cron for s in stored.schedules] == [ServiceSettings().cron]
     assert stored.work_pool_name == "model-audit"
+    assert stored.global_concurrency_limit is not None and stored.global_concurrency_limit.limit == 1
     assert stored.entrypoint == "flows/pipeline.py:audit_and_correct"

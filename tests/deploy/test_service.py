@@ -38,6 +38,8 @@ def test_deployment_carries_the_schedule_and_the_flow_settings(prefect_harness, 
     assert stored.parameters == service.parameters()
     assert stored.parameters["audit_settings"]["method"] == "graddot"
     assert stored.parameters["correction_settings"]["workdir"] == str(tmp_path)
+    # one audit of the inbox at a time (the inbox claim guards runs outside this deployment too)
+    assert stored.global_concurrency_limit is not None and stored.global_concurrency_limit.limit == 1
 
     events_only = ServiceSettings(audit=AuditSettings(workdir=tmp_path), cron=None)
     with get_client(sync_client=True) as client:

@@ -87,3 +87,45 @@ def test_an_unreadable_file_quarantines_the_batch_so_later_runs_are_not_blocked(
     (quarantined,) = (workdir / "quarantine").iterdir()
     assert {p.name for p in quarantined.iterdir()} == {"good.parquet", "torn.parquet", "flagged_validation.json"}
     assert "torn.parquet" in json.loads((quarantined / "flagged_validation.json").read_text())["error"]
+
+
+def _stale_claim(workdir, name, frame):
+    """A batch claimed by a run that died an hour ago."""
+    import os
+    import time
+
+    folder = workdir / "claims" / name
+    write_batch(frame, folder / "batch.parquet")
+    hour_ago = time.time() - 3600
+    os.utime(folder, (hour_ago, hour_ago))
+    return folder
+
+
+def test_batches_of_runs_that_died_are_audited_once(prefect_harness, registered):
+    from audit.errors import EmptyInbox
+    from audit.flagged import batch_digest, read_batch_file
+    from registry_hooks.tags import RunTags
+
+    workdir, frame = registered
+    settings = AuditSettings(workdir=workdir, model_name="m", top_k=5, method="graddot")
+    # died after claiming, before logging: the batch is re-queued and audited
+    _stale_claim(workdir, "died-early", frame)
+    first = audit(settings)
+    assert first.n_flagged == len(frame) and (workdir / "processed" / first.run_id / "batch.parquet").exists()
+    # died after its audit was logged in full: archived under that audit, not audited again
+    _stale_claim(workdir, "died-after-logging", frame)
+    with pytest.raises(EmptyInbox):
+        audit(settings)
+    assert not (workdir / "claims" / "died-after-logging").exists()
+    assert len(mlflow.search_runs(filter_string="tags.`audit.kind` = 'audit'")) == 1
+    # died while logging: its run is marked FAILED and the batch audited again
+    partial = frame.iloc[:-1]
+    claimed = _stale_claim(workdir, "died-logging", partial) / "batch.parquet"
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("model-audit").experiment_id
+    digest = batch_digest(read_batch_file(claimed))  # as the audit computes it, from the file
+    half = client.create_run(experiment, tags=RunTags("m", "1", "audit", digest).to_mlflow())
+    second = audit(settings)
+    assert client.get_run(half.info.run_id).info.status == "FAILED"
+    assert second.n_flagged == len(partial) and second.run_id != half.info.run_id
+    assert not any((workdir / "claims").iterdir())

@@ -1,0 +1,70 @@
+"""The flagged inbox on disk: a run claims a batch before reading it, then archives or
+quarantines it; claims left behind by a run that died are handed back.
+
+    files = claim_batch(inbox, workdir / "claims", claim_id)   # [] when another run took them
+    move_files(files, workdir / "processed" / run_id)
+
+A claim is `os.rename` of each file into `claims/<claim id>/`: atomic on one filesystem, so two
+runs (a cron tick and a webhook, two deliveries) never both get the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from audit.flagged import batch_files
+
+
+def claim_batch(inbox: Path, claims: Path, claim_id: str) -> list[Path]:
+    """Move the batch files at `inbox` (a file, or a folder's Parquet/CSV files) into
+    `claims/<claim_id>/`, one atomic rename each; a file another run renamed first is skipped.
+    Returns the claimed paths, empty when there was nothing left to claim. `claims` must be on
+    the same filesystem as `inbox`, or the claim falls back to copy-and-delete."""
+    folder = Path(claims) / claim_id
+    claimed = []
+    for source in batch_files(inbox):
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / source.name
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:  # another run claimed it between the listing and the rename
+            continue
+        except OSError:  # another filesystem: not atomic, but still moved once
+            try:
+                shutil.move(str(source), target)
+            except FileNotFoundError:
+                continue
+        claimed.append(target)
+    if folder.exists() and not any(folder.iterdir()):
+        folder.rmdir()
+    return claimed
+
+
+def move_files(files: list[Path], folder: Path) -> Path:
+    """Move `files` into `folder` (created); removes the claim folder they came from once empty."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.move(str(f), folder / f.name)
+    for parent in {f.parent for f in files}:
+        if parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
+    return folder
+
+
+def stale_claims(claims: Path, older_than_s: float, now: float | None = None) -> list[Path]:
+    """Claim folders not touched for `older_than_s` seconds (their run most likely died), oldest first."""
+    if not Path(claims).is_dir():
+        return []
+    now = time.time() if now is None else now
+    folders = [p for p in Path(claims).iterdir() if p.is_dir() and now - p.stat().st_mtime > older_than_s]
+    return sorted(folders, key=lambda p: p.stat().st_mtime)
+
+
+def requeue(claim: Path, inbox: Path) -> list[Path]:
+    """Hand a claim's files back to `inbox` (a folder) for the next run; returns their new paths."""
+    files = sorted(p for p in claim.iterdir() if p.is_file())
+    move_files(files, inbox)
+    return [inbox / f.name for f in files]
