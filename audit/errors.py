@@ -16,6 +16,14 @@ class EmptyInbox(InvalidFlaggedBatch):
     """Nothing to audit: the inbox holds no batch, or another run claimed it first."""
 
 
+class AlreadyCorrected(AuditError):
+    """The audit already produced a registered version: one audit registers at most one."""
+
+    def __init__(self, message: str, version: str) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class LineageError(AuditError):
     """The training data of a model cannot be recovered, or it does not match its digest."""
 

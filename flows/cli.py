@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from audit.errors import AuditError
+from audit.errors import AlreadyCorrected, AuditError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit and repair classifiers registered in MLflow.")
@@ -99,7 +99,16 @@ def correct_command(
         return CorrectionSettings(workdir=workdir, min_fix_rate=min_fix_rate, selection_fraction=selection_fraction,
                                   **named)
 
-    result = _run(lambda: correct(settings(), audit_run_id))
+    def run():
+        try:
+            return correct(settings(), audit_run_id)
+        except AlreadyCorrected as done:  # not an error: the work was done before
+            return done
+
+    result = _run(run)
+    if isinstance(result, AlreadyCorrected):
+        typer.echo(f"correction: {result}")
+        return
     if result.registered_version:
         typer.echo(f"correction run {result.run_id}: registered version {result.registered_version} as @challenger")
     else:

@@ -43,7 +43,7 @@ from flows.settings import CorrectionSettings
 from registry_hooks import audit_log
 from registry_hooks.lineage import load_label_noise, log_label_noise, log_training_data, recover_training_data
 from registry_hooks.model_io import LoadedModel, load_version, log_classifier, resolve_version
-from registry_hooks.registry import register_challenger
+from registry_hooks.registry import refuse_if_corrected, register_challenger
 from registry_hooks.store import use_store
 from registry_hooks.tags import RunTags
 
@@ -82,6 +82,7 @@ class AuditInputs:
 def load_audit(audit_run_id: str) -> AuditInputs:
     """The audited version, its lineage-checked data and the flagged batch logged by the audit."""
     tags = audit_log.finished_audit(audit_run_id)
+    refuse_if_corrected(tags.model_name, audit_run_id)  # before any work; register_challenger checks again
     ref = resolve_version(tags.model_name, version=tags.model_version)
     training = recover_training_data(ref.run_id, ref.spec.input_shape)
     flagged, _ = flagged_table(audit_log.load_table(audit_run_id, "flagged"), ref.spec.input_shape)

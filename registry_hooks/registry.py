@@ -10,8 +10,8 @@ from __future__ import annotations
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from audit.errors import AuditError
-from registry_hooks.tags import PROMOTION_OVERRIDE, VersionTags, gates_passed
+from audit.errors import AlreadyCorrected, AuditError
+from registry_hooks.tags import AUDIT_RUN_ID, PROMOTION_OVERRIDE, VersionTags, gates_passed
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -25,8 +25,19 @@ def register_version(model_uri: str, name: str, alias: str, tags: dict[str, str]
 
 
 def register_challenger(model_uri: str, name: str, source_version: str, audit_run_id: str) -> str:
-    """Register a gated repair with the DESIGN.md tags and alias `challenger`; returns the version."""
+    """Register a gated repair with the DESIGN.md tags and alias `challenger`; returns the version.
+    Raises AlreadyCorrected when a version from this audit exists (one audit, one version)."""
+    refuse_if_corrected(name, audit_run_id)
     return register_version(model_uri, name, CHALLENGER, VersionTags(source_version, audit_run_id).to_mlflow())
+
+
+def refuse_if_corrected(name: str, audit_run_id: str) -> None:
+    """AlreadyCorrected naming the version of `name` registered from audit `audit_run_id`, if any."""
+    found = MlflowClient().search_model_versions(f"name='{name}' and tags.`{AUDIT_RUN_ID}` = '{audit_run_id}'")
+    if found:
+        version = str(min(int(v.version) for v in found))
+        raise AlreadyCorrected(f"Audit run {audit_run_id} was already corrected: version {version} of {name} is "
+                               "registered from it (one audit registers at most one version).", version)
 
 
 def promote(name: str, version: str | None = None, force_reason: str | None = None) -> str:

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from audit.correction import CorrectionConfig, RepairCandidate, trusted_steps
+from audit.errors import AlreadyCorrected
 from flows.cli import app
 from flows.correct_flow import correct
 from flows.demo import MODEL_NAME, run_demo, summary
@@ -37,6 +38,20 @@ def _artifact_json(run_id, path):
 
 def _versions():
     return {str(v.version) for v in MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")}
+
+
+def _fresh_audit(demo_result) -> str:
+    """Another audit of the demo's flagged batch (copied back into the inbox): one audit registers
+    at most one version, so each constructed case gets its own."""
+    import shutil
+
+    from flows.audit_flow import audit
+    from flows.settings import AuditSettings
+
+    workdir = demo_result.workdir
+    for batch in (workdir / "processed" / demo_result.audit.run_id).iterdir():
+        shutil.copy(batch, workdir / "inbox" / batch.name)
+    return audit(AuditSettings(workdir=workdir, model_name=MODEL_NAME, method="graddot")).run_id
 
 
 def test_demo_logs_every_candidate_and_gate_and_registers_only_a_gated_challenger(demo_result):
@@ -101,8 +116,9 @@ def test_demo_logs_the_audit_and_correction_artifacts(demo_result):
 def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_be_promoted(demo_result):
     # By construction: the wreck fails the held-out gates; the no-op passes every gate once the
     # fix-rate gate asks for 0.
-    result = correct(CorrectionSettings(workdir=demo_result.workdir, min_fix_rate=0.0), demo_result.audit.run_id,
-                     candidates=(WRECK, NO_OP))
+    audit_run_id = _fresh_audit(demo_result)
+    settings = CorrectionSettings(workdir=demo_result.workdir, min_fix_rate=0.0)
+    result = correct(settings, audit_run_id, candidates=(WRECK, NO_OP))
     assert [o.candidate.name for o in result.search.outcomes] == ["wreck", "no-op"]
     assert not result.search.outcomes[0].selection.passed and result.search.chosen.candidate.name == "no-op"
     assert result.gates.passed, result.failure_reasons()
@@ -110,7 +126,14 @@ def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_
     challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger")
     assert str(challenger.version) == result.registered_version
     assert challenger.tags == {"audit.source_version": demo_result.champion_version,
-                               "audit.audit_run_id": demo_result.audit.run_id, "audit.gates": "passed"}
+                               "audit.audit_run_id": audit_run_id, "audit.gates": "passed"}
+    # one audit registers at most one version: a second correction reports the first
+    before = _versions()
+    with pytest.raises(AlreadyCorrected, match=f"version {result.registered_version} of {MODEL_NAME}"):
+        correct(settings, audit_run_id, candidates=(NO_OP,))
+    out = CliRunner().invoke(app, ["correct", audit_run_id, "--workdir", str(demo_result.workdir)])
+    assert out.exit_code == 0 and f"already corrected: version {result.registered_version}" in out.output
+    assert _versions() == before
     run = client.get_run(result.run_id)
     assert run.data.params["correction.candidate"] == "no-op" and run.data.tags["audit.gates"] == "passed"
     candidates = audit_log.load_table(result.run_id, "candidates", artifact_dir="correction")
@@ -132,7 +155,7 @@ def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_
 def test_a_search_where_no_candidate_can_pass_registers_nothing_and_names_each_failure(demo_result):
     before = _versions()
     # By construction: doing nothing fixes none of the flagged mispredictions, and the wreck fails too.
-    result = correct(CorrectionSettings(workdir=demo_result.workdir, min_fix_rate=1.0), demo_result.audit.run_id,
+    result = correct(CorrectionSettings(workdir=demo_result.workdir, min_fix_rate=1.0), _fresh_audit(demo_result),
                      candidates=(NO_OP, WRECK))
     assert result.registered_version is None and result.gates is None and result.search.chosen is None
     (reason,) = result.failure_reasons()
