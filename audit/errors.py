@@ -24,6 +24,10 @@ class AlreadyCorrected(AuditError):
         self.version = version
 
 
+class IntegrityError(AuditError):
+    """A registered model's files cannot be trusted: changed since they were logged, or unverifiable."""
+
+
 class LineageError(AuditError):
     """The training data of a model cannot be recovered, or it does not match its digest."""
 

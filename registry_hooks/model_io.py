@@ -2,12 +2,19 @@
 
 Models are logged with `serialization_format="pickle"`: MLflow's default pt2 export fixes the
 batch size and cannot be fine-tuned. Loading a pickled model runs code from the artifact store:
-only load models from a registry you trust (see docs/security.md).
+only load models from a registry you trust (see docs/security.md). What can be checked is: the
+SHA-256 of the files a load reads (`MLmodel` and `data/`) is recorded in the tracking store (run
+param `model_digest`) when the model is logged, and a load downloads the files, checks them
+against it and only then unpickles that verified copy, so a file swapped in the artifact store
+is refused, not run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,9 +22,10 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from audit.errors import LineageError
+from audit.errors import IntegrityError, LineageError
 
 MODEL_ARTIFACT = "model"
+DIGEST_PARAM = "model_digest"
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,24 @@ def log_classifier(model: torch.nn.Module, spec: ModelSpec) -> str:
         signature=infer_signature(example, logits),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "model-audit"],
     )
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_param(DIGEST_PARAM, artifact_digest(_download(info.model_uri, Path(tmp))))
     return info.model_uri
+
+
+def artifact_digest(folder: Path) -> str:
+    """SHA-256 over the relative path and bytes of `MLmodel` and every file under `data/` (what
+    loading reads; files MLflow writes on download, e.g. registered_model_meta, are left out)."""
+    files = [folder / "MLmodel", *sorted(p for p in (folder / "data").rglob("*") if p.is_file())]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest() if path.exists() else b"missing")
+    return h.hexdigest()
+
+
+def _download(model_uri: str, folder: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder)))
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,7 @@ class VersionRef:
     version: str
     run_id: str
     spec: ModelSpec
+    model_digest: str | None = None
 
 
 def resolve_version(name: str, alias: str | None = None, version: str | None = None) -> VersionRef:
@@ -87,11 +113,25 @@ def resolve_version(name: str, alias: str | None = None, version: str | None = N
     except mlflow.exceptions.MlflowException as exc:
         ref = f"@{alias}" if alias else f"version {version}"
         raise LineageError(f"No registered model {name} {ref} in this MLflow store.") from exc
-    spec = ModelSpec.from_params(client.get_run(mv.run_id).data.params)
-    return VersionRef(name, str(mv.version), mv.run_id, spec)
+    params = client.get_run(mv.run_id).data.params
+    return VersionRef(name, str(mv.version), mv.run_id, ModelSpec.from_params(params), params.get(DIGEST_PARAM))
 
 
 def load_version(ref: VersionRef) -> LoadedModel:
-    """Load a resolved version's weights (pickled PyTorch module) in eval mode on the CPU."""
-    model = mlflow.pytorch.load_model(f"models:/{ref.name}/{ref.version}", map_location="cpu")
+    """Load a resolved version's weights (pickled PyTorch module) in eval mode on the CPU, after
+    checking its files against the digest recorded when it was logged; IntegrityError, before
+    anything is unpickled, when they differ or no digest was recorded."""
+    if ref.model_digest is None:
+        raise IntegrityError(f"Version {ref.version} of {ref.name} has no recorded `{DIGEST_PARAM}`, so its files "
+                             "cannot be checked before unpickling; log it with registry_hooks.model_io.log_classifier.")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _download(f"models:/{ref.name}/{ref.version}", Path(tmp))
+        if artifact_digest(local) != ref.model_digest:
+            raise IntegrityError(f"The files of version {ref.version} of {ref.name} differ from those logged with it "
+                                 "(digest mismatch): refusing to load a model that was changed in the artifact store.")
+        try:
+            model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+        except mlflow.exceptions.MlflowException as exc:  # e.g. MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
+            raise IntegrityError(f"MLflow refused to load version {ref.version} of {ref.name}: "
+                                 f"{str(exc).splitlines()[0]}") from None
     return LoadedModel(model.eval(), ref.name, ref.version, ref.run_id, ref.spec)

@@ -66,3 +66,52 @@ def test_promote_never_moves_champion_backwards_without_a_reason(mlflow_store):
     assert str(client.get_model_version_by_alias("m", "champion").version) == older
     assert client.get_model_version("m", older).tags["audit.promotion_override"] == (
         f"rollback from version {newer}: v3 misroutes class 7")
+
+
+class _Payload:
+    """Unpickling this writes a marker file: what a swapped model.pth could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_model_file_swapped_in_the_artifact_store_is_refused_before_it_runs(mlflow_store, tmp_path):
+    import pickle
+
+    from audit.errors import IntegrityError
+
+    _, uri, _ = _logged_model(0)
+    register_version(uri, "m", "champion")
+    ref = resolve_version("m", alias="champion")
+    assert ref.model_digest and load_version(ref).model is not None
+    (weights,) = [p for p in (mlflow_store / "mlruns").rglob("model.pth")]
+    marker = tmp_path / "payload-ran"
+    weights.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(IntegrityError, match="differ from those logged with it"):
+        load_version(resolve_version("m", alias="champion"))
+    assert not marker.exists()
+
+
+def test_a_version_without_a_recorded_digest_is_refused(mlflow_store):
+    import dataclasses
+
+    from audit.errors import IntegrityError
+
+    _, uri, _ = _logged_model(0)
+    register_version(uri, "m", "champion")
+    ref = dataclasses.replace(resolve_version("m", alias="champion"), model_digest=None)
+    with pytest.raises(IntegrityError, match="has no recorded `model_digest`"):
+        load_version(ref)
+
+
+def test_mlflow_refusing_pickle_is_one_sentence(mlflow_store, monkeypatch):
+    from audit.errors import IntegrityError
+
+    _, uri, _ = _logged_model(0)
+    register_version(uri, "m", "champion")
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with pytest.raises(IntegrityError, match="MLflow refused to load version 1 of m"):
+        load_version(resolve_version("m", alias="champion"))
