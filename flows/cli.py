@@ -87,7 +87,8 @@ def correct_command(
     workdir: Path = EXISTING_WORKDIR,
     min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
     candidates: str = typer.Option(None, help="Repair candidates tried in order, comma-separated "
-                                              "(relabel, relabel-wide, relabel-wide-gentle, relabel-reinforce)."),
+                                              "(default: relabel, unlearn-gentle, relabel-wide, "
+                                              "relabel-wide-gentle, relabel-reinforce)."),
     selection_fraction: float = typer.Option(1 / 3, help="Share of the validation split that selects a candidate."),
 ) -> None:
     """Search for a repair of the audited model; registers @challenger only if every gate passes."""

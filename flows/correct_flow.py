@@ -32,6 +32,7 @@ from audit.correction.report import (
     CorrectionFindings,
     correction_metrics,
     correction_params,
+    correction_tables,
     failure_reasons,
     horizon_plot,
     render_correction_report,
@@ -116,15 +117,19 @@ def evaluate(inputs: AuditInputs, repaired: RepairResult, gate_split: ExampleTab
 
 @task(cache_policy=NO_CACHE)
 def log_correction(findings: CorrectionFindings, inputs: AuditInputs, settings: CorrectionSettings,
-                   onnx_path: Path) -> None:
-    """Metrics, params, tables, gates.json, the horizon plot and report.html, before any registry call."""
+                   onnx_path: Path) -> dict[str, float]:
+    """Metrics, params, tables, gates.json, the horizon plot and report.html, before any registry
+    call; returns the metrics logged."""
     folder = onnx_path.parent
-    image = horizon_plot(findings.horizon, folder / "influence_horizon.png")
+    plot = folder / "influence_horizon.png"
+    image = horizon_plot(findings.horizon, plot)
+    tables = correction_tables(findings.search)
     labels = dict(zip(inputs.train.ids, inputs.train.labels.tolist(), strict=True))
-    report = render_correction_report(folder / "report.html", findings, labels, image)
-    audit_log.log_correction(findings, correction_metrics(findings, inputs.label_noise),
-                             correction_params(findings, settings.selection_fraction), report,
-                             folder / "influence_horizon.png", onnx_path)
+    report = render_correction_report(folder / "report.html", findings, tables, labels, image)
+    metrics = correction_metrics(findings, inputs.label_noise)
+    audit_log.log_correction(findings, tables, metrics, correction_params(findings, settings.selection_fraction),
+                             report, plot, onnx_path)
+    return metrics
 
 
 @task(cache_policy=NO_CACHE)
@@ -164,12 +169,11 @@ def correct(settings: CorrectionSettings, audit_run_id: str,
             gates = evaluate(inputs, chosen.repair, gate_split, thresholds, onnx_path) if chosen else None
             findings = CorrectionFindings(loaded.name, loaded.version, len(inputs.flagged), searched, gates, horizon,
                                           budget, settings.min_horizon_correlation, (len(selection), len(gate_split)))
-            log_correction(findings, inputs, settings, onnx_path)
+            metrics = log_correction(findings, inputs, settings, onnx_path)
         version = register(inputs, chosen.repair) if findings.passed else None
     for reason in failure_reasons(searched, gates) if version is None else []:
         logger.warning("not registered: %s", reason)
     if version is not None:
         logger.info("registered %s version %s as challenger (candidate %s)", loaded.name, version,
                     chosen.candidate.name)
-    return CorrectionResult(run_id, searched, gates, version,
-                            correction_metrics(findings, inputs.label_noise))
+    return CorrectionResult(run_id, searched, gates, version, metrics)

@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from audit.correction.report import CorrectionFindings, correction_tables
+from audit.correction.report import CorrectionFindings
 from audit.errors import AuditError
 from audit.findings import AuditFindings
 from registry_hooks import tags
@@ -50,12 +50,12 @@ def load_table(run_id: str, name: str, artifact_dir: str = AUDIT_DIR) -> pd.Data
         return pd.read_parquet(local)
 
 
-def log_correction(findings: CorrectionFindings, metrics: dict[str, float], params: dict[str, object],
-                   report: Path, horizon_png: Path, onnx: Path | None) -> None:
+def log_correction(findings: CorrectionFindings, tables: dict[str, pd.DataFrame], metrics: dict[str, float],
+                   params: dict[str, object], report: Path, horizon_png: Path, onnx: Path | None) -> None:
     """Everything a correction run logs, before any registry call: the horizon as metrics
     `horizon_pearson` / `horizon_spearman` (MLflow step = fine-tuning steps), `metrics` and
-    `params`, `correction/gates.json` (when a candidate was gated), the tables
-    (`influence_horizon`, `candidates`, `relabels`, `history`), report.html and the horizon plot,
+    `params`, `correction/gates.json` (when a candidate was gated), `influence_horizon` and
+    `tables` (audit.correction.report.correction_tables), report.html and the horizon plot,
     the ONNX export under `onnx/`, and tag `audit.gates=passed|failed`."""
     for row in findings.horizon.itertuples(index=False):
         mlflow.log_metrics({"horizon_pearson": float(row.pearson), "horizon_spearman": float(row.spearman)},
@@ -64,8 +64,7 @@ def log_correction(findings: CorrectionFindings, metrics: dict[str, float], para
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
     if findings.gates is not None:
         log_json(findings.gates.to_dict(), "gates.json", artifact_dir=CORRECTION_DIR)
-    log_tables({"influence_horizon": findings.horizon, **correction_tables(findings.search)},
-               artifact_dir=CORRECTION_DIR)
+    log_tables({"influence_horizon": findings.horizon, **tables}, artifact_dir=CORRECTION_DIR)
     log_files([report, horizon_png], artifact_dir=CORRECTION_DIR)
     if onnx is not None and onnx.exists():
         log_files([onnx], artifact_dir="onnx")

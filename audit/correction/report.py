@@ -2,9 +2,9 @@
 tables, the influence-horizon figure and report.html. No MLflow here; registry_hooks logs it.
 
     findings = CorrectionFindings(model_name, model_version, n_flagged, search, gates, horizon, ...)
-    correction_tables(findings.search)           # candidates / relabels / history DataFrames
+    tables = correction_tables(findings.search)  # candidates / relabels / history DataFrames
     failure_reasons(findings.search, findings.gates)
-    render_correction_report(path, findings, train_labels, horizon_plot(horizon, png_path))
+    render_correction_report(path, findings, tables, train_labels, horizon_plot(horizon, png_path))
 """
 
 from __future__ import annotations
@@ -93,19 +93,19 @@ def horizon_plot(horizon: pd.DataFrame, path: Path) -> str:
     return image
 
 
-def render_correction_report(path: Path, findings: CorrectionFindings, train_labels: dict[str, int],
-                             horizon_png: str) -> Path:
+def render_correction_report(path: Path, findings: CorrectionFindings, tables: dict[str, pd.DataFrame],
+                             train_labels: dict[str, int], horizon_png: str) -> Path:
     """Write report.html of a correction run to `path`: the verdict, the repair candidates tried,
     every gate of the chosen one, the influence horizon and the step budget taken from it, the
     rounds, and the label edits (with each edited example's current label from `train_labels`).
-    `horizon_png` is the horizon figure as base64 PNG. Returns `path`."""
+    `tables` are `correction_tables(findings.search)` (left unchanged); `horizon_png` is the
+    horizon figure as base64 PNG. Returns `path`."""
     gates, chosen = findings.gates, findings.search.chosen
     if findings.passed:
         verdict = f"Every gate passed: candidate `{chosen.candidate.name}` is registered as challenger."
     else:
         verdict = "Not registered: " + "; ".join(failure_reasons(findings.search, gates)) + "."
-    tables = correction_tables(findings.search)
-    edits = tables["relabels"]
+    edits = tables["relabels"].copy()
     if len(edits):
         edits.insert(1, "current_label", [train_labels[i] for i in edits["train_id"]])
     selected, gated = findings.split_sizes

@@ -59,8 +59,7 @@ def _harm_evidence(lost: int, gained: int, significance: float | None, resolutio
     """Whether a drop beyond its threshold counts, and the words for it: more than `resolution`
     examples lost net and, with `significance`, McNemar p below it."""
     counts = lost - gained > resolution
-    words = f", more than {resolution} lost net" if resolution and counts else (
-        f", not more than {resolution} lost net" if resolution else "")
+    words = f", {'more' if counts else 'not more'} than {resolution} lost net" if resolution else ""
     if significance is None:
         return counts, words
     p = mcnemar_harm_p(lost, gained)
