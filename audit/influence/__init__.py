@@ -35,11 +35,16 @@ Methods (`method=`):
   Gauss-Newton matrix is solved by Cholesky, the Hessian eigendecomposed.
 - "tracin": sum_k lr_k g_q(theta_k) . g_i(theta_k) over `checkpoints`.
 - "graddot" / "gradcos": gradient dot product / cosine baselines.
+METHODS lists these built-ins (NEEDS_CHECKPOINTS: tracin; NO_SELF_INFLUENCE: gradcos). Each is one
+module in audit/influence/methods/ registering an `InfluenceMethod`; `register_method` adds another
+(its handle's `remove()`, or a `with` block, takes it out again), see registry.py.
 Curvature: "gn" (default, Gauss-Newton = Fisher, PSD) or "hessian" (exact, arnoldi). The true
 Hessian is indefinite on trained networks and predicts retraining far worse (see DESIGN.md).
 Extra options: see `InfluenceConfig` (rank, iterations, samples, fisher_samples, seed, ...),
 `param_filter` (parameter subset: callable or name prefixes), `checkpoints` (tracin).
 `cache_dir` stores fitted curvatures keyed by model, data and options.
+Queries are scored `query_block` (512) at a time: memory O(query_block x P + Q x N) however many
+queries, at the price of one pass over the training data per block.
 
 Per-example gradients run under torch.func.vmap. Hugging Face models refuse vmap only because
 they inspect the 2-D attention mask, so they get it as the 4-D additive bias they accept ready-made
@@ -57,9 +62,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from audit.errors import InvalidInput
-from audit.influence.config import METHODS, NEEDS_CHECKPOINTS, NO_SELF_INFLUENCE, InfluenceConfig
+from audit.influence.config import InfluenceConfig
 from audit.influence.engine import InfluenceResult, compute
+from audit.influence.methods import METHODS, NEEDS_CHECKPOINTS, NO_SELF_INFLUENCE
 from audit.influence.params import ParamFilter
+from audit.influence.registry import InfluenceMethod
+from audit.influence.registry import register as register_method
 from audit.influence.topk import TopInfluences, top_influences
 from audit.influence.tracin import Checkpoints
 
@@ -68,12 +76,14 @@ __all__ = [
     "NEEDS_CHECKPOINTS",
     "NO_SELF_INFLUENCE",
     "InfluenceConfig",
+    "InfluenceMethod",
     "InfluenceResult",
     "TopInfluences",
     "influence_scores",
     "self_influence",
     "top_influences",
     "compute_influence",
+    "register_method",
 ]
 
 

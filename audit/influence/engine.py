@@ -1,36 +1,35 @@
-"""The stages of one influence computation, in order: fit_curvature -> precondition the queries'
-gradients -> stream the training gradients against them (or against themselves for
-self-influence). `influence_scores` / `self_influence` in __init__ are thin wrappers.
+"""The stages of one influence computation, in order: look the method up in the registry -> fit its
+curvature (or restore it from `cache_dir`) -> precondition the queries' gradients, one block of at
+most `query_block` queries at a time -> stream the training gradients against each block (or against
+themselves for self-influence). Checkpoint-summed methods run these stages at every checkpoint.
+What differs between methods is in their `InfluenceMethod` (registry.py, methods/); nothing here
+depends on a method's name. `influence_scores` / `self_influence` in __init__ are thin wrappers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from audit.errors import InvalidInput, NumericalError
-from audit.influence import cache
+from audit.influence import cache, registry
 from audit.influence.batches import dataset_size
 from audit.influence.config import InfluenceConfig
 from audit.influence.context import Context, evaluation, make_context
-from audit.influence.curvature import Curvature, EigenCurvature, resolve_damping
-from audit.influence.curvature.arnoldi import fit_arnoldi
-from audit.influence.curvature.exact import MatrixCurvature, fit_exact
-from audit.influence.curvature.kfac import KroneckerCurvature, fit_kronecker
+from audit.influence.curvature import Curvature
 from audit.influence.params import ParamFilter, select_params
+from audit.influence.registry import InfluenceMethod, Preconditioner, unit_rows
 from audit.influence.tracin import Checkpoints, check_checkpoint, load_checkpoints
-
-Preconditioner = Callable[[torch.Tensor], torch.Tensor]  # [B, P] -> [B, P], same dtype
 
 
 @dataclass(frozen=True)
 class InfluenceResult:
-    """Scores with what produced them: `damping` is the value used (None for tracin / gradcos);
-    `gradient_path` how per-example gradients were vectorised (see audit.influence.gradients)."""
+    """Scores with what produced them: `damping` is the value used (None for methods without one,
+    such as tracin and gradcos); `gradient_path` how per-example gradients were vectorised (see
+    audit.influence.gradients)."""
 
     scores: torch.Tensor  # [Q, N] influence or [N] self-influence
     damping: float | None
@@ -38,61 +37,67 @@ class InfluenceResult:
     gradient_path: str | None = None
 
 
-def fit_curvature(ctx: Context, train: Dataset, n: int, cache_dir=None) -> Curvature:
-    """The method's damping-free curvature of the mean training loss, from `cache_dir` when cached."""
-    method = ctx.config.method
-    key = cache.curvature_key(ctx, train) if cache_dir is not None else None
-    state = cache.load(cache_dir, method, key) if key is not None else None
+def fit_curvature(method: InfluenceMethod, ctx: Context, train: Dataset, n: int, cache_dir=None) -> Curvature:
+    """The damping-free curvature of the mean training loss that `method.fit` produces, restored
+    from `cache_dir` when cached there (a method without `restore` is never cached)."""
+    key = cache.curvature_key(ctx, train) if cache_dir is not None and method.restore is not None else None
+    state = cache.load(cache_dir, method.name, key) if key is not None else None
     if state is not None:
-        if method in ("kfac", "ekfac"):
-            return KroneckerCurvature.from_state(state, ctx.space)
-        if "matrix" in state:
-            return MatrixCurvature.from_state(state)
-        return EigenCurvature.from_state(state)
-    if method == "exact":
-        curvature = fit_exact(ctx, train, n)
-    elif method == "arnoldi":
-        curvature = fit_arnoldi(ctx, train, n)
-    else:
-        curvature = fit_kronecker(ctx, train, n, corrected=method == "ekfac")
+        return method.restore(state, ctx)
+    curvature = method.fit(ctx, train, n)
     if key is not None:
-        cache.save(cache_dir, method, key, curvature.state())
+        cache.save(cache_dir, method.name, key, curvature.state())
     return curvature
 
 
-def _unit(g: torch.Tensor) -> torch.Tensor:
-    return g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+def preconditioner(
+    method: InfluenceMethod, ctx: Context, train: Dataset, n: int, cache_dir=None
+) -> tuple[Preconditioner, float | None]:
+    """g -> (C + damping I)^-1 g for `method` at `ctx`'s parameters, and the damping it uses."""
+    curvature = fit_curvature(method, ctx, train, n, cache_dir) if method.fit is not None else None
+    return method.precondition(ctx, curvature)
 
 
-def preconditioner(ctx: Context, train: Dataset, n: int, cache_dir) -> tuple[Preconditioner, float | None]:
-    """g -> (C + damping I)^-1 g for the configured method, and the damping it uses."""
-    cfg = ctx.config
-    if cfg.method == "graddot":
-        damping = cfg.damping or 1.0
-        return (lambda g: g / damping), damping
-    if cfg.method == "gradcos":
-        return _unit, None
-    curvature = fit_curvature(ctx, train, n, cache_dir)
-    damping = resolve_damping(curvature, cfg.damping, cfg.damping_scale)
-    return (lambda g: curvature.apply(g, damping)), damping
-
-
-def query_side(ctx: Context, queries: Dataset, precondition: Preconditioner) -> torch.Tensor:
-    """Preconditioned query gradients [Q, P]."""
-    parts = [precondition(ctx.grads.loss_grads(x, y)) for x, y in ctx.batches(queries, "queries: gradients")]
-    return torch.cat(parts)
-
-
-def train_side(ctx: Context, train: Dataset, left: torch.Tensor, n: int) -> torch.Tensor:
-    """left [Q, P] against every training gradient: [Q, N] in the model's dtype."""
-    out = torch.empty(left.shape[0], n, dtype=left.dtype, device=ctx.device)
+def query_side(ctx: Context, queries: Dataset, precondition: Preconditioner, desc: str) -> torch.Tensor:
+    """Preconditioned gradients [len(queries), P] of one block of queries, in the model's dtype."""
+    left = None
     start = 0
-    for x, y in ctx.batches(train, "train: scores"):
-        g = ctx.grads.loss_grads(x, y)  # [B, P]
-        if ctx.config.method == "gradcos":
-            g = _unit(g)
-        out[:, start : start + len(y)] = left @ g.T  # [Q, B]
+    for x, y in ctx.batches(queries, desc):
+        g = precondition(ctx.grads.loss_grads(x, y))  # [B, P]
+        if left is None:
+            # one buffer filled in place: torch.cat of the parts would hold every row twice
+            left = g.new_empty(len(queries), g.shape[1])  # type: ignore[arg-type]
+        left[start : start + len(y)] = g
         start += len(y)
+    return left
+
+
+def train_side(ctx: Context, train: Dataset, left: torch.Tensor, out: torch.Tensor, unit: bool, desc: str) -> None:
+    """Write left [b, P] against every training gradient into out [b, N]; `unit`: the training
+    gradients are scaled to unit length first."""
+    start = 0
+    for x, y in ctx.batches(train, desc):
+        g = ctx.grads.loss_grads(x, y)  # [B, P]
+        if unit:
+            g = unit_rows(g)
+        out[:, start : start + len(y)] = left @ g.T  # [b, B]
+        start += len(y)
+
+
+def query_scores(
+    method: InfluenceMethod, ctx: Context, train: Dataset, queries: Dataset, precondition: Preconditioner, n: int
+) -> torch.Tensor:
+    """[Q, N] scores, the queries taken in blocks of at most `config.query_block`: memory
+    O(block x P + Q x N), ceil(Q / block) passes over the training data (one when Q <= block)."""
+    q, block = len(queries), ctx.config.query_block  # type: ignore[arg-type]
+    out = torch.empty(q, n, dtype=ctx.dtype, device=ctx.device)
+    for start in range(0, q, block):
+        stop = min(start + block, q)
+        part = queries if stop - start == q else Subset(queries, range(start, stop))
+        label = "" if stop - start == q else f" (queries {start}-{stop - 1} of {q})"
+        left = query_side(ctx, part, precondition, "queries: gradients" + label)
+        train_side(ctx, train, left, out[start:stop], method.unit_train_gradients, "train: scores" + label)
+        del left  # before the next block's gradients exist: one block alive at a time, not two
     return out
 
 
@@ -105,6 +110,15 @@ def self_side(ctx: Context, train: Dataset, precondition: Preconditioner, n: int
         out[start : start + len(y)] = (g * precondition(g)).sum(1)
         start += len(y)
     return out
+
+
+def _scores(
+    method: InfluenceMethod, ctx: Context, train: Dataset, queries: Dataset | None, n: int, cache_dir
+) -> tuple[torch.Tensor, float | None]:
+    precondition, damping = preconditioner(method, ctx, train, n, cache_dir)
+    if queries is None:
+        return self_side(ctx, train, precondition, n), damping
+    return query_scores(method, ctx, train, queries, precondition, n), damping
 
 
 def _check_compatible(train: Dataset, queries: Dataset) -> None:
@@ -129,22 +143,21 @@ def _finish(scores: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor
     return scores.to(dtype).cpu()
 
 
-def _tracin(
-    model, train, queries, config, device, progress, param_filter, checkpoints, n
-) -> tuple[torch.Tensor, torch.dtype, str | None]:
-    total = None
-    for state, lr in load_checkpoints(checkpoints):
+def _at_checkpoints(
+    method, model, train, queries, config, device, cache_dir, progress, param_filter, checkpoints, n
+) -> tuple[torch.Tensor, float | None, Context]:
+    """sum_k lr_k x the method's scores at checkpoint k; the damping when every checkpoint used the
+    same one, else None."""
+    total, dampings, ctx = None, set(), None
+    for state, lr in load_checkpoints(checkpoints, method.name):
         with evaluation(model):
             space = select_params(model, param_filter)
             check_checkpoint(state, space.names, space.shapes)
             ctx = make_context(model, train, config, device, progress, param_filter, params=state)
-            ident = lambda g: g  # noqa: E731
-            if queries is None:
-                part = self_side(ctx, train, ident, n)
-            else:
-                part = train_side(ctx, train, query_side(ctx, queries, ident), n)
-        total = lr * part if total is None else total + lr * part
-    return total, ctx.dtype, ctx.grads.path
+            part, damping = _scores(method, ctx, train, queries, n, cache_dir)
+        total = part.mul_(lr) if total is None else total.add_(part, alpha=lr)
+        dampings.add(damping)
+    return total, (dampings.pop() if len(dampings) == 1 else None), ctx
 
 
 def compute(
@@ -161,23 +174,21 @@ def compute(
     """Influence [Q, N] of every training example on every query (queries=None: self-influence [N])."""
     if not isinstance(model, nn.Module):
         raise InvalidInput(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    method = registry.lookup(config.method)
     n = dataset_size(train, "train")
     if queries is not None:
         dataset_size(queries, "queries")
         _check_compatible(train, queries)
-    elif config.method == "gradcos":
-        raise InvalidInput(
-            "Self-influence with method='gradcos' is 1 for every example; use 'graddot' or a curvature method."
-        )
+    elif not method.self_influence:
+        able = tuple(m.name for m in registry.methods() if m.self_influence)
+        raise InvalidInput(f"method={method.name!r} has no self-influence; use one of {able}.")
     what = "Influence scores" if queries is not None else "Self-influence scores"
-    if config.method == "tracin":
-        scores, dtype, path = _tracin(model, train, queries, config, device, progress, param_filter, checkpoints, n)
-        return InfluenceResult(_finish(scores, dtype, what), None, config, path)
-    with evaluation(model):
-        ctx = make_context(model, train, config, device, progress, param_filter)
-        precondition, damping = preconditioner(ctx, train, n, cache_dir)
-        if queries is None:
-            scores = self_side(ctx, train, precondition, n)
-        else:
-            scores = train_side(ctx, train, query_side(ctx, queries, precondition), n)
+    if method.needs_checkpoints:
+        scores, damping, ctx = _at_checkpoints(
+            method, model, train, queries, config, device, cache_dir, progress, param_filter, checkpoints, n
+        )
+    else:
+        with evaluation(model):
+            ctx = make_context(model, train, config, device, progress, param_filter)
+            scores, damping = _scores(method, ctx, train, queries, n, cache_dir)
     return InfluenceResult(_finish(scores, ctx.dtype, what), damping, config, ctx.grads.path)

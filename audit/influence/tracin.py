@@ -17,12 +17,15 @@ Checkpoint = Mapping[str, torch.Tensor] | str | os.PathLike
 Checkpoints = Sequence[Checkpoint | tuple[Checkpoint, float]]
 
 
-def load_checkpoints(checkpoints: Checkpoints | None) -> list[tuple[dict[str, torch.Tensor], float]]:
+def load_checkpoints(
+    checkpoints: Checkpoints | None, method: str = "tracin"
+) -> list[tuple[dict[str, torch.Tensor], float]]:
     """[(state_dict, learning_rate)] from state dicts or `torch.save`d state-dict files, each
-    optionally paired with the learning rate used after it (default 1.0)."""
+    optionally paired with the learning rate used after it (default 1.0). `method` names the
+    checkpoint-summed method in the refusal when there are none."""
     if not checkpoints:
         raise InvalidInput(
-            "method='tracin' needs checkpoints=[(state_dict or path, learning_rate), ...] from the training "
+            f"method={method!r} needs checkpoints=[(state_dict or path, learning_rate), ...] from the training "
             "run; none were given (use method='ekfac' for a model without logged checkpoints)."
         )
     loaded = []
