@@ -7,12 +7,27 @@ WORKDIR ?= audit-workdir
 
 .PHONY: demo test test-fast lint bench ui clean
 
+# tests/browser drive Debian's chromium through its chromium-driver. Installed with apt-get when
+# missing and this user may (root, or passwordless sudo); otherwise nothing is installed, make goes
+# on, and those tests skip saying why.
+APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+INSTALL_CHROMIUM := \
+	if command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: browser tests will skip (no chromium)"; \
+	elif [ "$$(id -u)" = 0 ]; then sh -c '$(APT_CHROMIUM) || { apt-get update -qq && $(APT_CHROMIUM); }' \
+		|| echo "apt-get could not install chromium: browser tests will skip"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo -n sh -c '$(APT_CHROMIUM) || { apt-get update -qq && $(APT_CHROMIUM); }' \
+		|| echo "apt-get could not install chromium: browser tests will skip"; \
+	else echo "not root and no passwordless sudo: browser tests will skip (apt-get install chromium chromium-driver)"; fi
+
 # torch/torchvision are pinned to the releases that pip installs from this machine's disk
 # (other versions download several GB); installed first so the resolver never looks elsewhere.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	-@$(INSTALL_CHROMIUM)
 	touch $(STAMP)
 
 demo: $(STAMP)

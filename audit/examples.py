@@ -49,6 +49,14 @@ class ExampleTable:
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
         return ExampleTable(tuple(self.ids[i] for i in idx.tolist()), self.inputs[idx], self.labels[idx])
 
+    def positions(self, ids) -> list[int]:
+        """Row positions of `ids`, in their order; InvalidInput naming the first id not in the table."""
+        position = {example_id: n for n, example_id in enumerate(self.ids)}
+        missing = next((i for i in ids if i not in position), None)
+        if missing is not None:
+            raise InvalidInput(f"Example {missing!r} is not in this table.")
+        return [position[i] for i in ids]
+
     def with_labels(self, labels: torch.Tensor) -> ExampleTable:
         """The same examples with other labels (e.g. the reviewer's)."""
         return ExampleTable(self.ids, self.inputs, labels.to(torch.int64))
@@ -56,9 +64,8 @@ class ExampleTable:
     def relabelled(self, relabels: dict[str, int]) -> ExampleTable:
         """The same examples with the labels of the ids in `relabels` replaced (a repair's edits)."""
         labels = self.labels.clone()
-        position = {example_id: n for n, example_id in enumerate(self.ids)}
-        for example_id, label in relabels.items():
-            labels[position[example_id]] = label
+        for n, label in zip(self.positions(list(relabels)), relabels.values(), strict=True):
+            labels[n] = label
         return self.with_labels(labels)
 
 

@@ -28,6 +28,10 @@ class BatchValidation:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+# Flagged pixels may lie outside the training range by this share of its width (at least of 1):
+# room for a value rounded through float32 or text on its way to the batch, never a new scale.
+RANGE_TOLERANCE = 1e-6
+_RANGE_CHECK = "pixels_in_range"
 
 
 def _is_pixel(value: object) -> bool:
@@ -37,28 +41,50 @@ def _is_pixel(value: object) -> bool:
     return math.isfinite(float(value)) and abs(float(value)) <= _FLOAT32_MAX
 
 
-def _derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
+def _derived_columns(frame: pd.DataFrame, input_range: tuple[float, float] | None) -> pd.DataFrame:
     """Columns the suite checks that GX cannot compute on list cells (length, every value a
-    finite float32 number) and on two columns (whether the row is a misprediction)."""
+    finite float32 number, every value in the training range) and on two columns (whether the
+    row is a misprediction). A row whose values are not all finite numbers counts as in range:
+    the finiteness check already names it."""
     out = frame.copy()
     if "pixels" in out.columns:
         lists = [p if hasattr(p, "__len__") and not isinstance(p, (str, bytes, dict)) else [] for p in out["pixels"]]
         out["pixels_length"] = [len(p) for p in lists]
         out["pixels_finite"] = [bool(len(p)) and all(_is_pixel(v) for v in p) for p in lists]
+        if input_range is not None:
+            low, high = input_range
+            slack = RANGE_TOLERANCE * max(1.0, high - low)
+            out[_RANGE_CHECK] = [not finite or all(low - slack <= float(v) <= high + slack for v in p)
+                                 for p, finite in zip(lists, out["pixels_finite"], strict=True)]
     if {"predicted_label", "true_label"} <= set(out.columns):
         out["is_misprediction"] = [bool(a != b) for a, b in zip(out["predicted_label"], out["true_label"], strict=True)]
     return out
 
 
-def validate_flagged_frame(frame: pd.DataFrame, num_classes: int, input_size: int) -> BatchValidation:
+def validate_flagged_frame(frame: pd.DataFrame, num_classes: int, input_size: int, *, max_rows: int | None = None,
+                           input_range: tuple[float, float] | None = None) -> BatchValidation:
     """Run the flagged-batch suite on `frame` for a model with `num_classes` labels whose input
-    flattens to `input_size` values. Never raises on bad data: failures are in the result."""
+    flattens to `input_size` values. Never raises on bad data: failures are in the result.
+
+    `max_rows`: a batch with more rows fails on that check alone (the per-row checks are not run
+    on a batch that will not be audited). `input_range`: the (min, max) of the model's training
+    inputs; every pixel must lie within it, give or take RANGE_TOLERANCE x max(1, max - min),
+    and the failed check names the range and how many rows fall outside. None (a model logged
+    before the range was recorded): pixels are checked for finiteness only."""
     labels = list(range(num_classes))
+    too_many = max_rows is not None and len(frame) > max_rows
+
+    def row_bound(E):
+        return E.ExpectTableRowCountToBeBetween(
+            max_value=max_rows, description=f"at most {max_rows} rows (`max_flagged`; this batch has {len(frame)})")
 
     def expectations(E) -> list:
+        if too_many:
+            return [row_bound(E)]
         checks = [E.ExpectTableRowCountToBeBetween(min_value=1, description="at least one row")]
+        checks += [row_bound(E)] if max_rows is not None else []
         checks += [E.ExpectColumnToExist(column=c, description=f"column `{c}` present") for c in REQUIRED_COLUMNS]
-        return checks + [
+        checks += [
             E.ExpectColumnValuesToNotBeNull(column="example_id", description="`example_id` never empty"),
             E.ExpectColumnValuesToBeUnique(column="example_id", description="`example_id` unique"),
             E.ExpectColumnValuesToBeInSet(
@@ -76,13 +102,21 @@ def validate_flagged_frame(frame: pd.DataFrame, num_classes: int, input_size: in
                 column="pixels_finite", value_set=[True],
                 description="every pixel value is a finite number within float32 range",
             ),
+        ]
+        if input_range is not None:
+            checks.append(E.ExpectColumnValuesToBeInSet(
+                column=_RANGE_CHECK, value_set=[True],
+                description=f"every `pixels` value within the model's training range [{input_range[0]:g}, "
+                            f"{input_range[1]:g}]",
+            ))
+        return checks + [
             E.ExpectColumnValuesToBeInSet(
                 column="is_misprediction", value_set=[True],
                 description="every row is a misprediction (`predicted_label` differs from `true_label`)",
             ),
         ]
 
-    validated = _derived_columns(frame)
+    validated = frame if too_many else _derived_columns(frame, input_range)
     result = run_suite(validated, "flagged_batch", expectations)
 
     failed = []
@@ -92,5 +126,9 @@ def validate_flagged_frame(frame: pd.DataFrame, num_classes: int, input_size: in
         # A check on a column that is absent fails too; its "column present" check already says so.
         if item.success or (column and column not in validated.columns and config.type != "expect_column_to_exist"):
             continue
-        failed.append(config.description)
+        if column == _RANGE_CHECK:
+            outside = item.result.get("unexpected_count")
+            failed.append(f"{config.description}: {outside} row{'' if outside == 1 else 's'} outside")
+        else:
+            failed.append(config.description)
     return BatchValidation(bool(result.success), tuple(dict.fromkeys(failed)), result.to_json_dict())

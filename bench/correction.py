@@ -26,6 +26,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from baselines import repair_flagged_finetune, repair_random
 
 from audit.correction import (
     PER_QUERY_CONFIG,
@@ -35,10 +36,9 @@ from audit.correction import (
     repair_batch,
     repair_per_query,
 )
-from audit.correction.baselines import repair_flagged_finetune, repair_random
-from audit.digits import load_digits_splits
+from audit.demo.digits import load_digits_splits
+from audit.demo.models import SmallResNet
 from audit.influence import influence_scores
-from audit.models import SmallResNet
 from audit.training import TrainConfig, accuracy, predict_logits, train
 
 

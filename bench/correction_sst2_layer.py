@@ -31,6 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import pandas as pd
 import torch
+from baselines import repair_random
 from correction import (  # bench/correction.py
     candidate_precision,
     describe,
@@ -52,7 +53,6 @@ from correction_sst2 import (  # bench/correction_sst2.py
 from torch import nn
 
 from audit.correction import PER_QUERY_CONFIG, CorrectionConfig, repair_per_query
-from audit.correction.baselines import repair_random
 from audit.correction.batch import repair_rounds
 from audit.influence import influence_scores
 from audit.influence.gradients import additive_mask

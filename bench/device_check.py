@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from audit.digits import load_digits_splits
+from audit.demo.digits import load_digits_splits
+from audit.demo.models import DigitsMLP, SmallResNet
 from audit.influence import InfluenceConfig, compute_influence
-from audit.models import DigitsMLP, SmallResNet
 from audit.training import TrainConfig, train
 
 MIN_PEARSON = 0.9999

@@ -33,7 +33,7 @@ import torch
 from audit.correction import repair_batch
 from audit.correction.finetune import finetune_steps
 from audit.correction.search import DEFAULT_CANDIDATES
-from audit.digits import NUM_CLASSES, load_digits_splits
+from audit.demo.digits import NUM_CLASSES, load_digits_splits
 from audit.gates import GateThresholds
 from audit.gates.metrics import accuracy_gate, canary_gate, class_recall_gate
 from audit.training import TrainConfig, predict_logits

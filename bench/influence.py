@@ -32,9 +32,9 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from audit.digits import load_digits_splits
+from audit.demo.digits import load_digits_splits
+from audit.demo.models import DigitsMLP, SmallResNet
 from audit.influence import InfluenceConfig, compute_influence, top_influences
-from audit.models import DigitsMLP, SmallResNet
 from audit.training import TrainConfig, accuracy, predict_logits, train
 
 

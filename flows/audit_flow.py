@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from audit.audit_report import render_audit_report
+from audit.audit_report import audit_verdict, render_audit_report, suspects_table
 from audit.errors import EmptyInbox, InvalidFlaggedBatch
 from audit.examples import ExampleTable
 from audit.findings import AuditFindings, build_findings
@@ -30,17 +30,26 @@ from audit.flagged import batch_digest, flagged_table, read_batch_file
 from audit.inbox import claim_batch, move_files, requeue, stale_claims
 from audit.influence import influence_scores, self_influence
 from audit.validation import BatchValidation, validate_flagged_frame
-from flows.settings import AuditSettings
+from audit.verdict import StoreArgs, Verdict
+from flows.artifacts import publish_outcome
+from flows.settings import AuditSettings, StoreSettings
 from registry_hooks import audit_log
 from registry_hooks.lineage import TrainingData, recover_training_data
-from registry_hooks.model_io import LoadedModel, ModelSpec, VersionRef, load_version, resolve_version
+from registry_hooks.model_io import (
+    LoadedModel,
+    ModelSpec,
+    VersionRef,
+    load_version,
+    require_pickle_opt_in,
+    resolve_version,
+)
 from registry_hooks.store import use_store
 from registry_hooks.tags import RunTags
 
 
 @dataclass(frozen=True)
 class AuditResult:
-    """What an audit produced: its MLflow run and the counts a summary needs."""
+    """What an audit produced: its MLflow run, the counts a summary needs and its verdict."""
 
     run_id: str
     model_name: str
@@ -49,14 +58,15 @@ class AuditResult:
     n_train: int
     n_candidates: int
     flagged_digest: str
+    verdict: Verdict
 
 
 @task(cache_policy=NO_CACHE)
-def recover_claims(settings: AuditSettings) -> None:
+def recover_claims(settings: AuditSettings, workdir: Path) -> None:
     """Hand back the batches of runs that died holding a claim: a batch an audit already logged in
     full is archived under that run; an audit left RUNNING is marked FAILED and its batch re-queued."""
-    inbox = settings.workdir / "inbox"
-    for claim in stale_claims(settings.workdir / "claims", settings.claim_timeout_s):
+    inbox = workdir / "inbox"
+    for claim in stale_claims(workdir / "claims", settings.claim_timeout_s):
         files = sorted(p for p in claim.iterdir() if p.is_file())
         try:
             runs = audit_log.audit_runs_for_batch(batch_digest(pd.concat([read_batch_file(f) for f in files])))
@@ -64,7 +74,7 @@ def recover_claims(settings: AuditSettings) -> None:
             runs = {}
         finished = [run_id for run_id, status in runs.items() if status == "FINISHED"]
         if finished:
-            move_files(files, settings.workdir / "processed" / finished[0])
+            move_files(files, workdir / "processed" / finished[0])
             continue
         for run_id in (r for r, status in runs.items() if status == "RUNNING"):
             audit_log.mark_failed(run_id)
@@ -72,12 +82,12 @@ def recover_claims(settings: AuditSettings) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def claim(settings: AuditSettings, claim_id: str) -> list[Path]:
+def claim(inbox: Path, workdir: Path, claim_id: str) -> list[Path]:
     """This run's batch, moved out of the inbox before anything reads it; EmptyInbox when there is
     none, or another run claimed it first."""
-    files = claim_batch(settings.inbox_path, settings.workdir / "claims", claim_id)
+    files = claim_batch(inbox, workdir / "claims", claim_id)
     if not files:
-        raise EmptyInbox(f"The inbox {settings.inbox_path} holds no Parquet or CSV flagged batch to claim.")
+        raise EmptyInbox(f"The inbox {inbox} holds no Parquet or CSV flagged batch to claim.")
     return files
 
 
@@ -94,10 +104,13 @@ def fetch_flagged(files: list[Path], workdir: Path) -> pd.DataFrame:
 
 
 @task(cache_policy=NO_CACHE)
-def validate_flagged(files: list[Path], frame: pd.DataFrame, spec: ModelSpec, workdir: Path) -> BatchValidation:
-    """Run the Great Expectations suite; on failure move the files to quarantine with the result
-    and fail with a sentence naming the failed checks."""
-    result = validate_flagged_frame(frame, spec.num_classes, math.prod(spec.input_shape))
+def validate_flagged(files: list[Path], frame: pd.DataFrame, spec: ModelSpec, workdir: Path,
+                     max_rows: int) -> BatchValidation:
+    """Run the Great Expectations suite (at most `max_rows` rows, pixels in the model's training
+    range when its spec records one); on failure move the files to quarantine with the result and
+    fail with a sentence naming the failed checks."""
+    result = validate_flagged_frame(frame, spec.num_classes, math.prod(spec.input_shape), max_rows=max_rows,
+                                    input_range=spec.input_range)
     if not result.success:
         folder = quarantine(files, workdir, result.result)
         raise InvalidFlaggedBatch(f"{result.summary()} The batch was moved to {folder}.")
@@ -112,9 +125,9 @@ def quarantine(files: list[Path], workdir: Path, outcome: dict) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def load_model(ref: VersionRef) -> LoadedModel:
-    """Load the registered version's weights from MLflow."""
-    return load_version(ref)
+def load_model(ref: VersionRef, allow_pickle: bool) -> LoadedModel:
+    """Load the registered version's weights from MLflow (unpickling only if `allow_pickle`)."""
+    return load_version(ref, allow_pickle=allow_pickle)
 
 
 @task(cache_policy=NO_CACHE)
@@ -124,13 +137,14 @@ def recover_training(run_id: str, spec: ModelSpec) -> TrainingData:
 
 
 @task(cache_policy=NO_CACHE)
-def score_queries(model: torch.nn.Module, train: ExampleTable, flagged: ExampleTable, method: str, cache_dir: Path):
+def score_queries(model: torch.nn.Module, train: ExampleTable, flagged: ExampleTable, method: str, cache_dir: Path,
+                  progress: bool):
     """Influence [Q, N] of every training example on every flagged example, and self-influence [N].
     The fitted curvature is cached in `cache_dir` (keyed by model, data and method), so the
-    second call and later audits of the same version reuse it."""
+    second call and later audits of the same version reuse it. `progress`: bars on stderr."""
     scores = influence_scores(model, train.dataset(), flagged.dataset(), method=method, cache_dir=cache_dir,
-                              progress=False)
-    self_scores = self_influence(model, train.dataset(), method=method, cache_dir=cache_dir, progress=False)
+                              progress=progress)
+    self_scores = self_influence(model, train.dataset(), method=method, cache_dir=cache_dir, progress=progress)
     return scores, self_scores
 
 
@@ -144,7 +158,7 @@ def build(settings: AuditSettings, loaded: LoadedModel, training: TrainingData, 
 
 @task(cache_policy=NO_CACHE)
 def log_audit(settings: AuditSettings, findings: AuditFindings, training: TrainingData, frame: pd.DataFrame,
-              validation: BatchValidation) -> AuditResult:
+              validation: BatchValidation, store: StoreSettings) -> AuditResult:
     """One MLflow run tagged per DESIGN.md with the findings, the report and the audited batch."""
     digest = batch_digest(frame)
     tags = RunTags(findings.model_name, findings.model_version, "audit", digest)
@@ -152,28 +166,33 @@ def log_audit(settings: AuditSettings, findings: AuditFindings, training: Traini
               "n_train": len(findings.train), "train_digest": training.digests["train"]}
     with audit_log.mlflow_run(f"audit {findings.model_name} v{findings.model_version}", tags) as run_id, \
             tempfile.TemporaryDirectory() as tmp:
-        audit_log.log_audit(findings, params, frame, validation.result, list(render_audit_report(Path(tmp), findings)))
+        verdict = audit_verdict(findings, run_id, StoreArgs(store.workdir, store.tracking_uri, store.allow_pickle))
+        files = render_audit_report(Path(tmp), findings, verdict)
+        audit_log.log_audit(findings, params, frame, validation.result, list(files))
     return AuditResult(run_id, findings.model_name, findings.model_version, len(findings.flagged),
-                       len(findings.train), len(findings.candidates), digest)
+                       len(findings.train), len(findings.candidates), digest, verdict)
 
 
 @flow(name="audit")
-def audit(settings: AuditSettings) -> AuditResult:
-    """Audit `settings.model_name@settings.alias` against the flagged batch in the inbox."""
+def audit(store: StoreSettings, settings: AuditSettings) -> AuditResult:
+    """Audit `settings.model_name@settings.alias` in `store` against the flagged batch in the inbox."""
     logger = get_run_logger()
-    use_store(settings.workdir, tracking=settings.tracking_uri)
+    use_store(store.workdir, tracking=store.tracking_uri)
     ref = resolve_version(settings.model_name, alias=settings.alias)
-    recover_claims(settings)
-    files = claim(settings, flow_run.get_id() or uuid.uuid4().hex)
-    frame = fetch_flagged(files, settings.workdir)
-    validation = validate_flagged(files, frame, ref.spec, settings.workdir)
+    require_pickle_opt_in(ref, store.allow_pickle)  # before the claim: a refused run leaves the batch in the inbox
+    recover_claims(settings, store.workdir)
+    files = claim(settings.inbox_in(store.workdir), store.workdir, flow_run.get_id() or uuid.uuid4().hex)
+    frame = fetch_flagged(files, store.workdir)
+    validation = validate_flagged(files, frame, ref.spec, store.workdir, settings.max_flagged)
     flagged, predicted = flagged_table(frame, ref.spec.input_shape)
-    loaded = load_model(ref)
+    loaded = load_model(ref, store.allow_pickle)
     training = recover_training(ref.run_id, ref.spec)
     scores, self_scores = score_queries(loaded.model, training.train, flagged, settings.method,
-                                        settings.workdir / "cache" / "influence")
+                                        store.workdir / "cache" / "influence", settings.progress)
     findings = build(settings, loaded, training, flagged, predicted, scores, self_scores)
-    result = log_audit(settings, findings, training, frame, validation)
-    move_files(files, settings.workdir / "processed" / result.run_id)
+    result = log_audit(settings, findings, training, frame, validation, store)
+    move_files(files, store.workdir / "processed" / result.run_id)
+    publish_outcome("audit", f"Audit of {result.model_name} version {result.model_version}", result.verdict,
+                    audit_log.run_links(result.run_id, "audit/report.html"), suspects_table(findings.candidates))
     logger.info("audit run %s: %d flagged, %d candidates", result.run_id, result.n_flagged, result.n_candidates)
     return result

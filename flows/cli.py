@@ -1,4 +1,9 @@
-"""The `model-audit` command line. Errors in the user's input print one sentence and exit 2."""
+"""The `model-audit` command line. Errors in the user's input print one sentence and exit 2.
+
+Every option maps onto a field of the typed settings (flows/settings.py), which validate it. The
+choices and defaults in the help texts are spelled out here, so that `--help` does not import
+torch; tests/flows/test_cli.py keeps them equal to the settings'.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,64 @@ from audit.errors import AlreadyCorrected, AuditError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit and repair classifiers registered in MLflow.")
 
+# flows.settings: AUDIT_METHODS, CORRECTION_METHODS; audit.correction: STRATEGIES, CANDIDATES_BY_NAME.
+AUDIT_METHODS = ("ekfac", "kfac", "arnoldi", "exact", "graddot")
+CORRECTION_METHODS = (*AUDIT_METHODS, "gradcos")
+STRATEGIES = ("reinforce", "relabel", "unlearn")
+CANDIDATES = ("relabel", "unlearn-gentle", "relabel-wide", "relabel-wide-gentle", "relabel-reinforce")
+# registry_hooks.model_io.ALLOW_PICKLE_ENV (the refusal names it).
+ALLOW_PICKLE_ENV = "MODEL_AUDIT_ALLOW_PICKLE"
+
 WORKDIR = typer.Option(Path("audit-workdir"), "--workdir", help="Holds mlflow.db, mlruns and the inbox.")
 # Commands that read a store refuse a workdir that does not exist, instead of creating an empty
 # one and then reporting that nothing is in it; only `demo` creates one.
 EXISTING_WORKDIR = typer.Option(Path("audit-workdir"), "--workdir", exists=True, file_okay=False,
                                 help="Holds mlflow.db, mlruns and the inbox (must exist; `demo` creates one).")
+TRACKING_URI = typer.Option(None, "--tracking-uri",
+                            help="MLflow tracking and registry URI, e.g. an `mlflow server` URL "
+                                 "(default: sqlite:///<workdir>/mlflow.db).")
+# Read from the environment too, so that `serve` under a process manager can set it.
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle", envvar=ALLOW_PICKLE_ENV,
+                            help="Load the registry's pickled models: unpickling runs code from the MLflow artifact "
+                                 "store, so only for a registry you trust (docs/security.md).")
+MODEL = typer.Option("digits-classifier", "--model", help="Registered model name.")
+AUDIT_METHOD = typer.Option("ekfac", "--method", help=f"Influence method ({', '.join(AUDIT_METHODS)}).")
+TOP_K = typer.Option(10, "--top-k", help="Helpful and harmful examples kept per flagged example (1-1000).")
+MAX_FLAGGED = typer.Option(10_000, "--max-flagged",
+                           help="A flagged batch with more rows is refused and quarantined.")
+# The correction: what `correct` and `serve` set (CorrectionSettings and its GateSettings).
+CANDIDATE_NAMES = typer.Option(None, "--candidates",
+                               help=f"Repair candidates tried in order, comma-separated, from: {', '.join(CANDIDATES)} "
+                                    "(default: all, in that order).")
+STRATEGY = typer.Option(None, "--strategy",
+                        help=f"Repair strategy of every candidate ({', '.join(STRATEGIES)}; "
+                             "default: each candidate's own).")
+SELECTION_FRACTION = typer.Option(1 / 3, "--selection-fraction",
+                                  help="Share of the validation split that selects a candidate (0-1, exclusive).")
+MIN_HORIZON_CORRELATION = typer.Option(
+    0.5, "--min-horizon-correlation",
+    help="Fine-tuning steps per repair round are capped at the longest influence horizon with at least this "
+         "Pearson correlation (0-1).")
+MIN_FIX_RATE = typer.Option(0.5, "--min-fix-rate",
+                            help="Gate: fraction of flagged examples the repair must predict as the reviewer's "
+                                 "label (0-1).")
+MAX_ACCURACY_DROP = typer.Option(0.5, "--max-accuracy-drop-points",
+                                 help="Gate: largest held-out accuracy drop vs the champion, in points (0-100).")
+MAX_CLASS_RECALL_DROP = typer.Option(2.0, "--max-class-recall-drop-points",
+                                     help="Gate: largest recall drop of any class, in points (0-100).")
+MAX_CANARY_FLIP_RATE = typer.Option(0.02, "--max-canary-flip-rate",
+                                    help="Gate: largest fraction of the champion's correct canary predictions that "
+                                         "may change (0-1).")
+ONNX_RTOL = typer.Option(1e-3, "--onnx-rtol", help="Gate: relative tolerance of ONNX vs PyTorch logits (>= 0).")
+ONNX_ATOL = typer.Option(1e-4, "--onnx-atol", help="Gate: absolute tolerance of ONNX vs PyTorch logits (>= 0).")
+HARM_RESOLUTION = typer.Option(1, "--harm-resolution-examples",
+                               help="Gate: an accuracy or recall drop beyond its threshold fails only when more than "
+                                    "this many examples were lost net (>= 0; 0: the plain threshold).")
+CORRECTION_METHOD_HELP = (f"Influence method every repair candidate re-scores with ({', '.join(CORRECTION_METHODS)}; "
+                          "default: each candidate's own, graddot).")
+HARM_SIGNIFICANCE = typer.Option(None, "--harm-significance",
+                                 help="Gate: if set, such a drop fails only when an exact McNemar test on the changed "
+                                      "examples gives p below it (0-1, exclusive).")
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -33,7 +91,7 @@ class _NoTracebackForUserErrors(logging.Filter):
 
 
 def _run(action):
-    """Run a command body; AuditError -> one sentence on stderr and exit code 2."""
+    """Run a command body; AuditError or invalid settings -> one sentence on stderr and exit code 2."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
     try:
@@ -47,37 +105,63 @@ def _run(action):
         raise typer.Exit(code=2) from None
 
 
+def _progress() -> bool:
+    """Progress bars only for a person watching: stderr is a terminal (not a log file or a test)."""
+    return sys.stderr.isatty()
+
+
+def _correction_settings(candidates: str | None, strategy: str | None, method: str | None, selection_fraction: float,
+                         min_horizon_correlation: float, **gates):
+    """CorrectionSettings from command-line values (`candidates` comma-separated; `gates` the
+    GateSettings fields); raises ValidationError naming every bad value."""
+    from flows.settings import CorrectionSettings
+
+    named = {"candidates": tuple(c.strip() for c in candidates.split(","))} if candidates else {}
+    return CorrectionSettings(gates=gates, strategy=strategy, method=method, selection_fraction=selection_fraction,
+                              min_horizon_correlation=min_horizon_correlation, **named)
+
+
 @app.command()
 def demo(
     workdir: Path = WORKDIR,
     noise_rate: float = typer.Option(0.1, min=0.0, max=0.9, help="Fraction of training labels flipped."),
     seed: int = typer.Option(0, help="Seeds the split, the label noise and training."),
     epochs: int = typer.Option(40, min=1, help="Training epochs of the digits CNN."),
-    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot)."),
-    min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
+    method: str = AUDIT_METHOD,
+    min_fix_rate: float = MIN_FIX_RATE,
 ) -> None:
-    """Train, register, flag, audit and repair a digits CNN end to end on embedded defaults."""
+    """Train, register, flag, audit and repair a digits CNN end to end on embedded defaults (it loads
+    only the model it trains, so no --allow-pickle is needed)."""
     from flows.demo import run_demo, summary
 
-    result = _run(lambda: run_demo(workdir, noise_rate, seed, epochs, method, min_fix_rate))
+    result = _run(lambda: run_demo(workdir, noise_rate, seed, epochs, method, min_fix_rate, progress=_progress()))
     typer.echo(summary(result))
 
 
 @app.command("audit")
 def audit_command(
     workdir: Path = EXISTING_WORKDIR,
-    model: str = typer.Option("digits-classifier", help="Registered model name."),
+    tracking_uri: str = TRACKING_URI,
+    allow_pickle: bool = ALLOW_PICKLE,
+    model: str = MODEL,
     alias: str = typer.Option("champion", help="Alias of the version to audit."),
     inbox: Path = typer.Option(None, help="Flagged batch file or folder (default <workdir>/inbox)."),
-    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot)."),
-    top_k: int = typer.Option(10, min=1, help="Helpful and harmful examples kept per flagged example."),
+    method: str = AUDIT_METHOD,
+    top_k: int = TOP_K,
+    max_flagged: int = MAX_FLAGGED,
 ) -> None:
     """Audit a registered model against a flagged batch; prints the audit run id."""
-    from flows.audit_flow import audit
-    from flows.settings import AuditSettings
 
-    result = _run(lambda: audit(AuditSettings(workdir=workdir, model_name=model, alias=alias, inbox=inbox,
-                                              method=method, top_k=top_k)))
+    def run():
+        from flows.audit_flow import audit
+        from flows.settings import AuditSettings, StoreSettings
+
+        store = StoreSettings(workdir=workdir, tracking_uri=tracking_uri, allow_pickle=allow_pickle)
+        settings = AuditSettings(model_name=model, alias=alias, inbox=inbox, method=method, top_k=top_k,
+                                 max_flagged=max_flagged, progress=_progress())
+        return audit(store, settings)
+
+    result = _run(run)
     typer.echo(f"audit run {result.run_id}: {result.n_flagged} flagged, {result.n_candidates} correction candidates")
 
 
@@ -85,24 +169,37 @@ def audit_command(
 def correct_command(
     audit_run_id: str = typer.Argument(..., help="Run id of an audit."),
     workdir: Path = EXISTING_WORKDIR,
-    min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
-    candidates: str = typer.Option(None, help="Repair candidates tried in order, comma-separated "
-                                              "(default: relabel, unlearn-gentle, relabel-wide, "
-                                              "relabel-wide-gentle, relabel-reinforce)."),
-    selection_fraction: float = typer.Option(1 / 3, help="Share of the validation split that selects a candidate."),
+    tracking_uri: str = TRACKING_URI,
+    allow_pickle: bool = ALLOW_PICKLE,
+    candidates: str = CANDIDATE_NAMES,
+    strategy: str = STRATEGY,
+    method: str = typer.Option(None, "--method", help=CORRECTION_METHOD_HELP),
+    selection_fraction: float = SELECTION_FRACTION,
+    min_horizon_correlation: float = MIN_HORIZON_CORRELATION,
+    min_fix_rate: float = MIN_FIX_RATE,
+    max_accuracy_drop_points: float = MAX_ACCURACY_DROP,
+    max_class_recall_drop_points: float = MAX_CLASS_RECALL_DROP,
+    max_canary_flip_rate: float = MAX_CANARY_FLIP_RATE,
+    onnx_rtol: float = ONNX_RTOL,
+    onnx_atol: float = ONNX_ATOL,
+    harm_resolution_examples: int = HARM_RESOLUTION,
+    harm_significance: float = HARM_SIGNIFICANCE,
 ) -> None:
     """Search for a repair of the audited model; registers @challenger only if every gate passes."""
-    from flows.correct_flow import correct
-    from flows.settings import CorrectionSettings
-
-    def settings() -> CorrectionSettings:
-        named = {"candidates": tuple(c.strip() for c in candidates.split(","))} if candidates else {}
-        return CorrectionSettings(workdir=workdir, min_fix_rate=min_fix_rate, selection_fraction=selection_fraction,
-                                  **named)
 
     def run():
+        from flows.correct_flow import correct
+        from flows.settings import StoreSettings
+
+        store = StoreSettings(workdir=workdir, tracking_uri=tracking_uri, allow_pickle=allow_pickle)
+        settings = _correction_settings(
+            candidates, strategy, method, selection_fraction, min_horizon_correlation,
+            min_fix_rate=min_fix_rate, max_accuracy_drop_points=max_accuracy_drop_points,
+            max_class_recall_drop_points=max_class_recall_drop_points, max_canary_flip_rate=max_canary_flip_rate,
+            onnx_rtol=onnx_rtol, onnx_atol=onnx_atol, harm_resolution_examples=harm_resolution_examples,
+            harm_significance=harm_significance)
         try:
-            return correct(settings(), audit_run_id)
+            return correct(store, settings, audit_run_id)
         except AlreadyCorrected as done:  # not an error: the work was done before
             return done
 
@@ -120,20 +217,27 @@ def correct_command(
 @app.command()
 def promote(
     workdir: Path = EXISTING_WORKDIR,
-    model: str = typer.Option("digits-classifier", help="Registered model name."),
+    tracking_uri: str = TRACKING_URI,
+    model: str = MODEL,
     version: str = typer.Option(None, help="Version to promote (default: @challenger)."),
     force: bool = typer.Option(False, help="Allow a rollback to a version older than the champion."),
     reason: str = typer.Option(None, help="Why the rollback (required with --force; kept as a version tag)."),
 ) -> None:
     """Move @champion to a gated version after re-checking its gates tag (never backwards without --force)."""
-    from registry_hooks.registry import promote as promote_version
-    from registry_hooks.store import use_store
-
-    use_store(workdir)
     if force and not (reason and reason.strip()):
         typer.echo("error: --force needs --reason saying why the rollback.", err=True)
         raise typer.Exit(code=2)
-    promoted = _run(lambda: promote_version(model, version, force_reason=reason if force else None))
+
+    def run() -> str:
+        from flows.settings import StoreSettings
+        from registry_hooks.registry import promote as promote_version
+        from registry_hooks.store import use_store
+
+        store = StoreSettings(workdir=workdir, tracking_uri=tracking_uri)
+        use_store(store.workdir, tracking=store.tracking_uri)
+        return promote_version(model, version, force_reason=reason if force else None)
+
+    promoted = _run(run)
     typer.echo(f"{model} version {promoted} is now @champion")
 
 
@@ -155,26 +259,49 @@ def _webhook_secret() -> str:
 def serve(
     workdir: Path = WORKDIR,
     tracking_uri: str = typer.Option(None, help="MLflow server URL (webhooks need `mlflow server`)."),
-    model: str = typer.Option("digits-classifier", help="Registered model name."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    model: str = MODEL,
     alias: str = typer.Option("champion", help="Alias audited; moving it to a version starts a run."),
-    method: str = typer.Option("ekfac", help="Influence method (ekfac, kfac, arnoldi, exact, graddot)."),
-    min_fix_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="Fix-rate gate."),
+    method: str = AUDIT_METHOD,
+    top_k: int = TOP_K,
+    max_flagged: int = MAX_FLAGGED,
+    candidates: str = CANDIDATE_NAMES,
+    strategy: str = STRATEGY,
+    correction_method: str = typer.Option(None, "--correction-method", help=CORRECTION_METHOD_HELP),
+    selection_fraction: float = SELECTION_FRACTION,
+    min_horizon_correlation: float = MIN_HORIZON_CORRELATION,
+    min_fix_rate: float = MIN_FIX_RATE,
+    max_accuracy_drop_points: float = MAX_ACCURACY_DROP,
+    max_class_recall_drop_points: float = MAX_CLASS_RECALL_DROP,
+    max_canary_flip_rate: float = MAX_CANARY_FLIP_RATE,
+    onnx_rtol: float = ONNX_RTOL,
+    onnx_atol: float = ONNX_ATOL,
+    harm_resolution_examples: int = HARM_RESOLUTION,
+    harm_significance: float = HARM_SIGNIFICANCE,
     cron: str = typer.Option("0 * * * *", help="Audit schedule (cron); '' = registry events only."),
     host: str = typer.Option("127.0.0.1", help="Webhook receiver address."),
     port: int = typer.Option(8765, help="Webhook receiver port."),
     receiver_only: bool = typer.Option(False, help="Only the webhook receiver (deployment on a work pool)."),
+    guard: str = typer.Option("restore", help="What the receiver does when champion moves to a version without "
+                                              "audit.gates=passed (restore, flag)."),
 ) -> None:
     """Serve the audit-and-correct deployment (schedule + MLflow webhook receiver) until Ctrl-C."""
-    from deploy.service import ServiceSettings
-    from deploy.service import serve as serve_service
-    from flows.settings import AuditSettings, CorrectionSettings
 
     def start() -> None:
+        from deploy.service import ServiceSettings
+        from deploy.service import serve as serve_service
+        from flows.settings import AuditSettings, StoreSettings
+
         service = ServiceSettings(
-            audit=AuditSettings(workdir=workdir, tracking_uri=tracking_uri, model_name=model, alias=alias,
-                                method=method),
-            correction=CorrectionSettings(workdir=workdir, tracking_uri=tracking_uri, min_fix_rate=min_fix_rate),
-            cron=cron or None, host=host, port=port)
+            store=StoreSettings(workdir=workdir, tracking_uri=tracking_uri, allow_pickle=allow_pickle),
+            audit=AuditSettings(model_name=model, alias=alias, method=method, top_k=top_k, max_flagged=max_flagged),
+            correction=_correction_settings(
+                candidates, strategy, correction_method, selection_fraction, min_horizon_correlation,
+                min_fix_rate=min_fix_rate, max_accuracy_drop_points=max_accuracy_drop_points,
+                max_class_recall_drop_points=max_class_recall_drop_points, max_canary_flip_rate=max_canary_flip_rate,
+                onnx_rtol=onnx_rtol, onnx_atol=onnx_atol, harm_resolution_examples=harm_resolution_examples,
+                harm_significance=harm_significance),
+            cron=cron or None, host=host, port=port, guard=guard)
         serve_service(service, _webhook_secret(), receiver_only)
 
     _run(start)
@@ -190,3 +317,15 @@ def register_webhook_command(
 
     webhook_id = _run(lambda: register_webhook_at(tracking_uri, url, _webhook_secret()))
     typer.echo(f"webhook {webhook_id}: model_version_alias.created -> {url}")
+
+
+@app.command()
+def relocate(workdir: Path = EXISTING_WORKDIR) -> None:
+    """Point a copied or moved workdir's MLflow store at its own artifacts (run it once in the copy)."""
+    from registry_hooks.store import relocate as relocate_store
+
+    moved = _run(lambda: relocate_store(workdir))
+    if moved.moved_from is None:
+        typer.echo(f"{moved.workdir}: the store already points at its own artifacts; nothing changed")
+    else:
+        typer.echo(f"{moved.workdir}: {moved.total} artifact locations moved from {moved.moved_from}")

@@ -28,21 +28,24 @@ from audit.correction import (
     selection_split,
     trusted_steps,
 )
+from audit.correction.evidence import prediction_changes
 from audit.correction.report import (
     CorrectionFindings,
     correction_metrics,
     correction_params,
     correction_tables,
+    correction_verdict,
     failure_reasons,
-    horizon_plot,
     render_correction_report,
 )
 from audit.examples import ExampleTable
 from audit.flagged import flagged_table
 from audit.gates import GateReport, GateThresholds, evaluate_gates
-from flows.settings import CorrectionSettings
+from audit.verdict import StoreArgs, Verdict
+from flows.artifacts import publish_outcome
+from flows.settings import CorrectionSettings, StoreSettings
 from registry_hooks import audit_log
-from registry_hooks.lineage import load_label_noise, log_label_noise, log_training_data, recover_training_data
+from registry_hooks.lineage import log_training_data, recover_training_data
 from registry_hooks.model_io import LoadedModel, load_version, log_classifier, resolve_version
 from registry_hooks.registry import refuse_if_corrected, register_challenger
 from registry_hooks.store import use_store
@@ -60,6 +63,7 @@ class CorrectionResult:
     gates: GateReport | None
     registered_version: str | None
     metrics: dict[str, float]
+    verdict: Verdict
 
     def failure_reasons(self) -> list[str]:
         """Why nothing was registered (audit.correction.report.failure_reasons)."""
@@ -68,7 +72,8 @@ class CorrectionResult:
 
 @dataclass(frozen=True)
 class AuditInputs:
-    """What the correction takes from an audit run: the model it audited and its flagged batch."""
+    """What the correction takes from an audit run: the model it audited, its flagged batch, the
+    correction candidates it proposed and the influence method it scored with."""
 
     audit_run_id: str
     loaded: LoadedModel
@@ -76,19 +81,22 @@ class AuditInputs:
     validation: ExampleTable
     flagged: ExampleTable
     flagged_digest: str
-    label_noise: pd.DataFrame | None
+    candidates: pd.DataFrame
+    method: str
 
 
 @task(cache_policy=NO_CACHE)
-def load_audit(audit_run_id: str) -> AuditInputs:
+def load_audit(audit_run_id: str, allow_pickle: bool) -> AuditInputs:
     """The audited version, its lineage-checked data and the flagged batch logged by the audit."""
     tags = audit_log.finished_audit(audit_run_id)
     refuse_if_corrected(tags.model_name, audit_run_id)  # before any work; register_challenger checks again
     ref = resolve_version(tags.model_name, version=tags.model_version)
+    loaded = load_version(ref, allow_pickle=allow_pickle)  # without the opt-in, refused before any data is read
     training = recover_training_data(ref.run_id, ref.spec.input_shape)
     flagged, _ = flagged_table(audit_log.load_table(audit_run_id, "flagged"), ref.spec.input_shape)
-    return AuditInputs(audit_run_id, load_version(ref), training.train, training.validation, flagged,
-                       tags.flagged_digest, load_label_noise(ref.run_id))
+    return AuditInputs(audit_run_id, loaded, training.train, training.validation, flagged,
+                       tags.flagged_digest, audit_log.load_table(audit_run_id, "correction_candidates"),
+                       audit_log.run_params(audit_run_id).get("method", "unknown"))
 
 
 @task(cache_policy=NO_CACHE)
@@ -116,45 +124,44 @@ def evaluate(inputs: AuditInputs, repaired: RepairResult, gate_split: ExampleTab
 
 
 @task(cache_policy=NO_CACHE)
-def log_correction(findings: CorrectionFindings, inputs: AuditInputs, settings: CorrectionSettings,
-                   onnx_path: Path) -> dict[str, float]:
+def compare_predictions(inputs: AuditInputs, repaired: RepairResult, gate_split: ExampleTable) -> pd.DataFrame:
+    """The gate-split examples whose prediction the repair changed (the gates' evidence)."""
+    return prediction_changes(inputs.loaded.model, repaired.model, gate_split)
+
+
+@task(cache_policy=NO_CACHE)
+def log_correction(findings: CorrectionFindings, settings: CorrectionSettings,
+                   onnx_path: Path, store: StoreSettings) -> tuple[dict[str, float], Verdict]:
     """Metrics, params, tables, gates.json, the horizon plot and report.html, before any registry
-    call; returns the metrics logged."""
-    folder = onnx_path.parent
-    plot = folder / "influence_horizon.png"
-    image = horizon_plot(findings.horizon, plot)
-    tables = correction_tables(findings.search)
-    labels = dict(zip(inputs.train.ids, inputs.train.labels.tolist(), strict=True))
-    report = render_correction_report(folder / "report.html", findings, tables, labels, image)
-    metrics = correction_metrics(findings, inputs.label_noise)
-    audit_log.log_correction(findings, tables, metrics, correction_params(findings, settings.selection_fraction),
-                             report, plot, onnx_path)
-    return metrics
+    call; returns the metrics logged and the verdict."""
+    verdict = correction_verdict(findings, StoreArgs(store.workdir, store.tracking_uri, store.allow_pickle))
+    files = render_correction_report(onnx_path.parent, findings, verdict)
+    metrics = correction_metrics(findings)
+    audit_log.log_correction(findings, metrics, correction_params(findings, settings.selection_fraction),
+                             list(files), onnx_path)
+    return metrics, verdict
 
 
 @task(cache_policy=NO_CACHE)
 def register(inputs: AuditInputs, repaired: RepairResult) -> str:
     """Log the repaired model with its lineage (relabels applied) and register it as challenger."""
     log_training_data(inputs.train.relabelled(repaired.relabels), inputs.validation)
-    if inputs.label_noise is not None:
-        log_label_noise(tuple(inputs.label_noise["example_id"]), inputs.label_noise["clean_label"],
-                        inputs.label_noise["noisy_label"])
     uri = log_classifier(repaired.model, inputs.loaded.spec)
     return register_challenger(uri, inputs.loaded.name, inputs.loaded.version, inputs.audit_run_id)
 
 
 @flow(name="correct")
-def correct(settings: CorrectionSettings, audit_run_id: str,
+def correct(store: StoreSettings, settings: CorrectionSettings, audit_run_id: str,
             candidates: tuple[RepairCandidate, ...] | None = None) -> CorrectionResult:
     """Search for a repair of the model an audit run looked at, gate the chosen candidate, and
     register it as `challenger` if every gate passes (the candidates table, gates.json and
-    report.html are logged before any registry call). `candidates` replaces the settings' named
-    ones (Python callers)."""
+    report.html are logged before any registry call), all in `store`. `candidates` replaces the
+    settings' named ones (Python callers); the settings' strategy and method apply to either."""
     logger = get_run_logger()
-    use_store(settings.workdir, tracking=settings.tracking_uri)
-    candidates = candidates or settings.repair_candidates()
+    use_store(store.workdir, tracking=store.tracking_uri)
+    candidates = settings.repair_candidates(candidates)
     thresholds = settings.thresholds()
-    inputs = load_audit(audit_run_id)
+    inputs = load_audit(audit_run_id, store.allow_pickle)
     horizon = measure_horizon(inputs, candidates[0].config)
     # re-score before the influence estimate goes stale (Schioppa et al. 2023)
     budget = trusted_steps(horizon, settings.min_horizon_correlation)
@@ -167,13 +174,18 @@ def correct(settings: CorrectionSettings, audit_run_id: str,
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             gates = evaluate(inputs, chosen.repair, gate_split, thresholds, onnx_path) if chosen else None
-            findings = CorrectionFindings(loaded.name, loaded.version, len(inputs.flagged), searched, gates, horizon,
-                                          budget, settings.min_horizon_correlation, (len(selection), len(gate_split)))
-            metrics = log_correction(findings, inputs, settings, onnx_path)
+            changes = compare_predictions(inputs, chosen.repair, gate_split) if chosen else None
+            findings = CorrectionFindings(loaded.name, loaded.version, audit_run_id, len(inputs.flagged), searched,
+                                          gates, horizon, budget, settings.min_horizon_correlation,
+                                          (len(selection), len(gate_split)), inputs.train, gate_split,
+                                          inputs.candidates, inputs.method, changes)
+            metrics, verdict = log_correction(findings, settings, onnx_path, store)
         version = register(inputs, chosen.repair) if findings.passed else None
+    publish_outcome("correction", f"Correction of {loaded.name} version {loaded.version}", verdict,
+                    audit_log.run_links(run_id, "correction/report.html"), correction_tables(searched)["candidates"])
     for reason in failure_reasons(searched, gates) if version is None else []:
         logger.warning("not registered: %s", reason)
     if version is not None:
         logger.info("registered %s version %s as challenger (candidate %s)", loaded.name, version,
                     chosen.candidate.name)
-    return CorrectionResult(run_id, searched, gates, version, metrics)
+    return CorrectionResult(run_id, searched, gates, version, metrics, verdict)

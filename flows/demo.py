@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from audit.digits import INPUT_SHAPE, NUM_CLASSES, DigitsSplits, load_digits_splits
+from audit.demo.digits import NUM_CLASSES, DigitsSplits, load_digits_splits
+from audit.demo.models import SmallResNet
 from audit.flagged import flagged_frame, write_batch
-from audit.models import SmallResNet
 from audit.training import TrainConfig, accuracy, predict_logits, train
 from flows.audit_flow import AuditResult, audit
 from flows.correct_flow import CorrectionResult, correct
-from flows.settings import AuditSettings, CorrectionSettings
-from registry_hooks.audit_log import log_training_run, mlflow_run
+from flows.settings import AuditSettings, CorrectionSettings, GateSettings, StoreSettings
+from registry_hooks.audit_log import log_metrics, log_training_run, mlflow_run
 from registry_hooks.lineage import log_label_noise, log_training_data
 from registry_hooks.model_io import ModelSpec, log_classifier
 from registry_hooks.registry import CHAMPION, register_version
@@ -51,6 +51,7 @@ class DemoResult:
     n_flagged: int
     audit: AuditResult
     correction: CorrectionResult
+    relabel_precision: float | None  # of the chosen repair's label edits, from the demo's clean labels
 
 
 @contextmanager
@@ -87,7 +88,7 @@ def train_and_register(splits: DigitsSplits, config: TrainConfig, noise_rate: fl
         })
         log_training_data(splits.train, splits.validation)
         log_label_noise(splits.train.ids, splits.clean_train_labels.tolist(), splits.train.labels.tolist())
-        uri = log_classifier(model, ModelSpec(INPUT_SHAPE, NUM_CLASSES))
+        uri = log_classifier(model, ModelSpec.for_training(splits.train.inputs, NUM_CLASSES))
     return run_id, register_version(uri, MODEL_NAME, CHAMPION)
 
 
@@ -96,7 +97,7 @@ def simulate_production(model_version: str, splits: DigitsSplits, inbox: Path) -
     (reviewer label = true label) into the inbox. Returns (production size, flagged count)."""
     from registry_hooks.model_io import load_version, resolve_version
 
-    loaded = load_version(resolve_version(MODEL_NAME, version=model_version))
+    loaded = load_version(resolve_version(MODEL_NAME, version=model_version), allow_pickle=True)  # the demo's own
     predicted = predict_logits(loaded.model, splits.production.inputs).argmax(1)
     wrong = (predicted != splits.production.labels).nonzero().flatten().tolist()
     flagged = splits.production.subset(wrong)
@@ -106,20 +107,26 @@ def simulate_production(model_version: str, splits: DigitsSplits, inbox: Path) -
 
 
 def run_demo(workdir: Path, noise_rate: float = 0.1, seed: int = 0, epochs: int = 40,
-             method: str = "ekfac", min_fix_rate: float = 0.5) -> DemoResult:
-    """The whole demo; see the module docstring. Each call registers a new champion first."""
+             method: str = "ekfac", min_fix_rate: float = 0.5, progress: bool = False) -> DemoResult:
+    """The whole demo; see the module docstring. Each call registers a new champion first.
+    `progress`: progress bars of the audit's influence passes on stderr."""
     workdir = Path(workdir).resolve()
-    # Settings are validated before anything is trained or registered.
-    audit_settings = AuditSettings(workdir=workdir, model_name=MODEL_NAME, alias=CHAMPION, method=method)
-    correction_settings = CorrectionSettings(workdir=workdir, min_fix_rate=min_fix_rate)
+    # Settings are validated before anything is trained or registered. The demo loads only the
+    # model it trains itself, so it opts in to unpickling.
+    store = StoreSettings(workdir=workdir, allow_pickle=True)
+    audit_settings = AuditSettings(model_name=MODEL_NAME, alias=CHAMPION, method=method, progress=progress)
+    correction_settings = CorrectionSettings(gates=GateSettings(min_fix_rate=min_fix_rate))
     use_store(workdir)
     splits = load_digits_splits(noise_rate=noise_rate, seed=seed, fractions=SPLIT_FRACTIONS)
     run_id, version = train_and_register(splits, TrainConfig(epochs=epochs, seed=seed), noise_rate)
     n_production, n_flagged = simulate_production(version, splits, workdir / "inbox")
-    audit_result = audit(audit_settings)
-    correction = correct(correction_settings, audit_result.run_id)
+    audit_result = audit(store, audit_settings)
+    correction = correct(store, correction_settings, audit_result.run_id)
+    precision = splits.relabel_precision(correction.search.chosen.repair.relabels if correction.search.chosen else {})
+    if precision is not None:  # the demo alone knows which labels it flipped
+        log_metrics(correction.run_id, {"relabel_precision": precision})
     return DemoResult(workdir, run_id, version, len(splits.train), int(splits.flipped.sum()), n_production,
-                      n_flagged, audit_result, correction)
+                      n_flagged, audit_result, correction, precision)
 
 
 def summary(result: DemoResult) -> str:
@@ -138,7 +145,7 @@ def summary(result: DemoResult) -> str:
     if chosen is None:
         lines.append(f"Correction run {correction.run_id}: {tried}, none passed the selection gates.")
     else:
-        precision = m.get("relabel_precision")
+        precision = result.relabel_precision
         lines.append(
             f"Correction run {correction.run_id}: {tried}, chose `{chosen.candidate.name}`: fix rate "
             f"{m['fix_rate']:.0%}, held-out accuracy {m['heldout_accuracy_before']:.2%} -> "

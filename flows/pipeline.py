@@ -15,7 +15,7 @@ from audit.errors import EmptyInbox
 from audit.flagged import batch_files
 from flows.audit_flow import audit
 from flows.correct_flow import correct
-from flows.settings import AuditSettings, CorrectionSettings
+from flows.settings import AuditSettings, CorrectionSettings, StoreSettings
 
 
 @dataclass(frozen=True)
@@ -29,17 +29,19 @@ class PipelineResult:
 
 
 @flow(name="audit-and-correct")
-def audit_and_correct(audit_settings: AuditSettings, correction_settings: CorrectionSettings) -> PipelineResult | None:
-    """Audit `audit_settings.model_name@alias` against the inbox and repair it; None (and no MLflow
-    run) when the inbox holds no flagged batch. Both settings must name the same store."""
+def audit_and_correct(store: StoreSettings, audit_settings: AuditSettings,
+                      correction_settings: CorrectionSettings) -> PipelineResult | None:
+    """Audit `audit_settings.model_name@alias` in `store` against the inbox and repair it there;
+    None (and no MLflow run) when the inbox holds no flagged batch."""
     logger = get_run_logger()
-    if not batch_files(audit_settings.inbox_path):
-        logger.info("inbox %s holds no flagged batch: nothing to audit", audit_settings.inbox_path)
+    inbox = audit_settings.inbox_in(store.workdir)
+    if not batch_files(inbox):
+        logger.info("inbox %s holds no flagged batch: nothing to audit", inbox)
         return None
     try:
-        audited = audit(audit_settings)
+        audited = audit(store, audit_settings)
     except EmptyInbox:  # another run claimed the batch between the listing and the claim
-        logger.info("another run claimed the batch in %s: nothing to audit", audit_settings.inbox_path)
+        logger.info("another run claimed the batch in %s: nothing to audit", inbox)
         return None
-    corrected = correct(correction_settings, audited.run_id)
+    corrected = correct(store, correction_settings, audited.run_id)
     return PipelineResult(audited.run_id, corrected.run_id, corrected.registered_version)

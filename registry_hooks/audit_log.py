@@ -12,14 +12,19 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from audit.correction.report import CorrectionFindings
+from audit.audit_report import suspects_table
+from audit.correction.report import CorrectionFindings, correction_tables
 from audit.errors import AuditError
+from audit.examples import ExampleTable
 from audit.findings import AuditFindings
+from audit.report_page import image_pixels
 from registry_hooks import tags
 from registry_hooks.tags import RunTags
 
 AUDIT_DIR = "audit"
 CORRECTION_DIR = "correction"
+# Where `make ui` / `mlflow ui` serves a local sqlite store (registry_hooks.store.ui_command).
+LOCAL_UI = "http://127.0.0.1:5000"
 
 
 def log_tables(tables: dict[str, pd.DataFrame], artifact_dir: str = AUDIT_DIR) -> None:
@@ -42,6 +47,28 @@ def log_files(paths: list[Path], artifact_dir: str = AUDIT_DIR) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_dir)
 
 
+def log_review_table(table: pd.DataFrame, examples: ExampleTable, id_column: str, artifact_file: str) -> None:
+    """Log `table` with `mlflow.log_table` (MLflow's own table view of the run) as `artifact_file`
+    (.json); when `examples` are images, with a `picture` column of each row's example (rows
+    name their example in `id_column`). Missing values are logged as null."""
+    table = table.astype(object).where(table.notna(), None)
+    pictures = [image_pixels(examples.inputs[i]) for i in examples.positions(table[id_column])]
+    if pictures and all(p is not None for p in pictures):
+        table = table.assign(picture=[mlflow.Image(p) for p in pictures])
+    mlflow.log_table(table, artifact_file)
+
+
+def run_links(run_id: str, report: str) -> dict[str, str]:
+    """Where a reviewer finds a run: its page in the MLflow UI (for a local sqlite store, the
+    address `make ui` serves) and the URI of its `report` artifact (run-relative path)."""
+    run = MlflowClient().get_run(run_id)
+    uri = mlflow.get_tracking_uri()
+    server = uri.startswith(("http://", "https://"))
+    label = "MLflow run" if server else "MLflow run (after `make ui`)"
+    return {label: f"{uri.rstrip('/') if server else LOCAL_UI}/#/experiments/{run.info.experiment_id}/runs/{run_id}",
+            "report": f"{run.info.artifact_uri}/{report}"}
+
+
 def load_table(run_id: str, name: str, artifact_dir: str = AUDIT_DIR) -> pd.DataFrame:
     """Read back `<artifact_dir>/<name>.parquet` of a run."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,13 +77,15 @@ def load_table(run_id: str, name: str, artifact_dir: str = AUDIT_DIR) -> pd.Data
         return pd.read_parquet(local)
 
 
-def log_correction(findings: CorrectionFindings, tables: dict[str, pd.DataFrame], metrics: dict[str, float],
-                   params: dict[str, object], report: Path, horizon_png: Path, onnx: Path | None) -> None:
+def log_correction(findings: CorrectionFindings, metrics: dict[str, float], params: dict[str, object],
+                   files: list[Path], onnx: Path | None) -> None:
     """Everything a correction run logs, before any registry call: the horizon as metrics
     `horizon_pearson` / `horizon_spearman` (MLflow step = fine-tuning steps), `metrics` and
-    `params`, `correction/gates.json` (when a candidate was gated), `influence_horizon` and
-    `tables` (audit.correction.report.correction_tables), report.html and the horizon plot,
-    the ONNX export under `onnx/`, and tag `audit.gates=passed|failed`."""
+    `params`, `correction/gates.json` (when a candidate was gated), `influence_horizon` and the
+    tables of audit.correction.report.correction_tables as Parquet, the candidates also as an
+    MLflow table (`correction/candidates.json`), `files` (report.html, the horizon plot), the
+    ONNX export under `onnx/`, and tag `audit.gates=passed|failed`."""
+    tables = correction_tables(findings.search)
     for row in findings.horizon.itertuples(index=False):
         mlflow.log_metrics({"horizon_pearson": float(row.pearson), "horizon_spearman": float(row.spearman)},
                            step=int(row.steps))
@@ -65,7 +94,8 @@ def log_correction(findings: CorrectionFindings, tables: dict[str, pd.DataFrame]
     if findings.gates is not None:
         log_json(findings.gates.to_dict(), "gates.json", artifact_dir=CORRECTION_DIR)
     log_tables({"influence_horizon": findings.horizon, **tables}, artifact_dir=CORRECTION_DIR)
-    log_files([report, horizon_png], artifact_dir=CORRECTION_DIR)
+    mlflow.log_table(tables["candidates"], f"{CORRECTION_DIR}/candidates.json")
+    log_files(files, artifact_dir=CORRECTION_DIR)
     if onnx is not None and onnx.exists():
         log_files([onnx], artifact_dir="onnx")
     mlflow.set_tag(tags.GATES, tags.GATES_PASSED if findings.passed else tags.GATES_FAILED)
@@ -74,13 +104,15 @@ def log_correction(findings: CorrectionFindings, tables: dict[str, pd.DataFrame]
 def log_audit(findings: AuditFindings, params: dict[str, object], frame: pd.DataFrame, validation: dict,
               files: list[Path]) -> None:
     """Everything an audit run logs (DESIGN.md "MLflow layout"): `params`, the counts as metrics,
-    the findings' tables and the audited batch (`flagged`) as Parquet under `audit/`, the batch's
-    validation result as `audit/flagged_validation.json`, and `files` (report, grid)."""
+    the findings' tables and the audited batch (`flagged`) as Parquet under `audit/`, the
+    suspects as an MLflow table with pictures (`audit/suspects.json`), the batch's validation
+    result as `audit/flagged_validation.json`, and `files` (report, grid)."""
     mlflow.log_params(params)
     mlflow.log_metrics({"n_flagged": len(findings.flagged), "n_candidates": len(findings.candidates),
                         "n_relabel_candidates": findings.n_relabel_candidates})
     log_tables({"influence": findings.influence, "self_influence": findings.self_influence,
                 "correction_candidates": findings.candidates, "flagged": frame})
+    log_review_table(suspects_table(findings.candidates), findings.train, "train_id", f"{AUDIT_DIR}/suspects.json")
     log_json(validation, "flagged_validation.json")
     log_files(files)
 
@@ -108,6 +140,11 @@ def finished_audit(run_id: str) -> RunTags:
     return run_tags
 
 
+def run_params(run_id: str) -> dict[str, str]:
+    """The params a run logged (as MLflow stores them: strings)."""
+    return dict(MlflowClient().get_run(run_id).data.params)
+
+
 def audit_runs_for_batch(flagged_digest: str) -> dict[str, str]:
     """{run id: status} of the audit runs that audited a batch with this content digest."""
     found = mlflow.search_runs(search_all_experiments=True, output_format="list",
@@ -119,6 +156,13 @@ def audit_runs_for_batch(flagged_digest: str) -> dict[str, str]:
 def mark_failed(run_id: str) -> None:
     """End a run that was left RUNNING by a process that died, as FAILED."""
     MlflowClient().set_terminated(run_id, status="FAILED")
+
+
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    """Add metrics to a finished run (the demo's relabel precision, known only to the demo)."""
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
 
 
 def log_training_run(params: dict[str, object], losses: list[float], metrics: dict[str, float]) -> None:

@@ -93,13 +93,3 @@ def log_label_noise(train_ids: tuple[str, ...], clean_labels, noisy_labels) -> N
         path = Path(tmp) / Path(NOISE_ARTIFACT).name
         frame.to_parquet(path, index=False)
         mlflow.log_artifact(str(path), artifact_path="data")
-
-
-def load_label_noise(run_id: str) -> pd.DataFrame | None:
-    """The demo's label-noise ground truth logged with a model's run, or None when absent."""
-    names = {f.path for f in MlflowClient().list_artifacts(run_id, "data")}
-    if NOISE_ARTIFACT not in names:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=NOISE_ARTIFACT, dst_path=tmp)
-        return pd.read_parquet(local)

@@ -20,6 +20,12 @@ AUDIT_RUN_ID = "audit.audit_run_id"
 SOURCE_VERSION = "audit.source_version"
 GATES = "audit.gates"
 PROMOTION_OVERRIDE = "audit.promotion_override"
+# Registered-model tag: the champion model-audit set last (a gated promotion, or the baseline its
+# training registered) or the guard accepted as gated; the version the registry guard restores.
+CHAMPION_OF_RECORD = "audit.champion_of_record"
+# On a version champion was moved to without passing the gates, and on the registered model (the
+# guard's latest action): what a reviewer sees in the MLflow UI.
+GUARD = "audit.guard"
 
 KINDS = ("audit", "correction")
 GATES_PASSED, GATES_FAILED = "passed", "failed"

@@ -60,6 +60,16 @@ def mlflow_store(tmp_path, migrated_mlflow_db):
 @pytest.fixture(scope="session")
 def digits_splits():
     """Seeded digits splits with 10% flipped training labels (shared, read-only)."""
-    from audit.digits import load_digits_splits
+    from audit.demo.digits import load_digits_splits
 
     return load_digits_splits(noise_rate=0.1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_run(prefect_harness, tmp_path_factory):
+    """The demo at its defaults (train, register, audit, correct), run once per session: the
+    end-to-end and browser tests read it. Tests that use it must point MLflow at its workdir
+    (`registry_hooks.store.use_store(demo_run.workdir)`), since other tests move the store."""
+    from flows.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo") / "workdir")

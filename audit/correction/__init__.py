@@ -9,8 +9,7 @@ Stages: `propose_corrections` (candidates table for the audit), `repair_batch` (
 model), `search_repairs` (an ordered set of repair candidates compared on a selection split: the
 one the correct flow gates and registers), `repair_per_query` (measurement protocol),
 `influence_horizon` (how many steps the influence estimate can be trusted) and `trusted_steps`
-(the step budget it supports). Baselines for the
-benchmark live in `audit.correction.baselines`.
+(the step budget it supports). The benchmark's baselines live in bench/baselines.py.
 """
 
 from audit.correction.batch import repair_batch

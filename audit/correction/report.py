@@ -1,10 +1,11 @@
-"""What a correction run shows a reviewer, built from plain values: the verdict, the logged
-tables, the influence-horizon figure and report.html. No MLflow here; registry_hooks logs it.
+"""What a correction run shows a reviewer, built from plain values: the verdict with the next
+command, the logged tables, the gates with the evidence behind them, the label edits against the
+audit's proposals, the influence-horizon figure and report.html. No MLflow here; registry_hooks
+logs it.
 
-    findings = CorrectionFindings(model_name, model_version, n_flagged, search, gates, horizon, ...)
-    tables = correction_tables(findings.search)  # candidates / relabels / history DataFrames
-    failure_reasons(findings.search, findings.gates)
-    render_correction_report(path, findings, tables, train_labels, horizon_plot(horizon, png_path))
+    findings = CorrectionFindings(...)
+    verdict = correction_verdict(findings, StoreArgs(workdir))
+    report, plot = render_correction_report(folder, findings, verdict)
 """
 
 from __future__ import annotations
@@ -14,20 +15,31 @@ from pathlib import Path
 
 import pandas as pd
 
-from audit.correction.search import SearchResult
+from audit.audit_report import suspects_section
+from audit.correction.evidence import edits_touching
+from audit.correction.search import CANDIDATES_BY_NAME, SearchResult
+from audit.examples import ExampleTable
 from audit.gates import GateReport
-from audit.report import png_data, render_report, section
+from audit.report_page import Section, png_data, render_page, thumbnail
+from audit.verdict import StoreArgs, Verdict, cli_command
 
 
 @dataclass(frozen=True)
 class CorrectionFindings:
-    """Everything report.html says about one correction. `gates` is the chosen candidate's report
-    on the gate split (None when no candidate passed selection); `horizon` has one row per step
-    count (`steps`, `pearson`, `spearman`); `step_budget` the steps per round it allowed at
-    `min_correlation`; `split_sizes` the validation examples that (selected, gated)."""
+    """Everything report.html says about one correction of the audit `audit_run_id`.
+
+    `gates` is the chosen candidate's report on the gate split (None when no candidate passed
+    selection); `changes` the gate-split examples whose prediction the chosen repair changed
+    (audit.correction.evidence.prediction_changes; None without a chosen candidate); `horizon`
+    one row per step count (`steps`, `pearson`, `spearman`); `step_budget` the steps per round
+    it allowed at `min_correlation`; `split_sizes` the validation examples (selected, gated);
+    `train` / `gate_split` give the pictures; `audit_candidates` and `audit_method` are what the
+    audit proposed and scored with.
+    """
 
     model_name: str
     model_version: str
+    audit_run_id: str
     n_flagged: int
     search: SearchResult
     gates: GateReport | None
@@ -35,11 +47,22 @@ class CorrectionFindings:
     step_budget: int
     min_correlation: float
     split_sizes: tuple[int, int]
+    train: ExampleTable
+    gate_split: ExampleTable
+    audit_candidates: pd.DataFrame
+    audit_method: str
+    changes: pd.DataFrame | None = None
 
     @property
     def passed(self) -> bool:
         """Whether the chosen candidate passed every gate (and so is registered)."""
         return self.gates is not None and self.gates.passed
+
+    @property
+    def relabels(self) -> dict[str, int]:
+        """The chosen repair's label edits (train id -> proposed label); empty without one."""
+        chosen = self.search.chosen
+        return dict(chosen.repair.relabels) if chosen else {}
 
 
 def failure_reasons(search: SearchResult, gates: GateReport | None) -> list[str]:
@@ -58,18 +81,6 @@ def correction_tables(search: SearchResult) -> dict[str, pd.DataFrame]:
     return {"candidates": search.table(),
             "relabels": pd.DataFrame({"train_id": list(relabels), "proposed_label": list(relabels.values())}),
             "history": pd.DataFrame(list(repaired.history) if repaired else [])}
-
-
-def relabel_precision(relabels: dict[str, int], noise: pd.DataFrame) -> float | None:
-    """Fraction in [0, 1] of applied relabels that restore a flipped label to its clean value,
-    from a label-noise table (example_id, clean_label, noisy_label; the demo logs one). None
-    when there are no relabels."""
-    if not relabels:
-        return None
-    clean = dict(zip(noise["example_id"], noise["clean_label"], strict=True))
-    noisy = dict(zip(noise["example_id"], noise["noisy_label"], strict=True))
-    hits = sum(1 for i, y in relabels.items() if clean[i] != noisy[i] and clean[i] == y)
-    return hits / len(relabels)
 
 
 def horizon_plot(horizon: pd.DataFrame, path: Path) -> str:
@@ -93,62 +104,154 @@ def horizon_plot(horizon: pd.DataFrame, path: Path) -> str:
     return image
 
 
-def render_correction_report(path: Path, findings: CorrectionFindings, tables: dict[str, pd.DataFrame],
-                             train_labels: dict[str, int], horizon_png: str) -> Path:
-    """Write report.html of a correction run to `path`: the verdict, the repair candidates tried,
-    every gate of the chosen one, the influence horizon and the step budget taken from it, the
-    rounds, and the label edits (with each edited example's current label from `train_labels`).
-    `tables` are `correction_tables(findings.search)` (left unchanged); `horizon_png` is the
-    horizon figure as base64 PNG. Returns `path`."""
-    gates, chosen = findings.gates, findings.search.chosen
+def correction_verdict(findings: CorrectionFindings, store: StoreArgs) -> Verdict:
+    """The correction's banner: registered (next: promote it) or why not (next: the candidates not
+    tried yet, or, when every named candidate was tried, a new audit with more flagged examples)."""
+    chosen = findings.search.chosen
     if findings.passed:
-        verdict = f"Every gate passed: candidate `{chosen.candidate.name}` is registered as challenger."
-    else:
-        verdict = "Not registered: " + "; ".join(failure_reasons(findings.search, gates)) + "."
-    edits = tables["relabels"].copy()
-    if len(edits):
-        edits.insert(1, "current_label", [train_labels[i] for i in edits["train_id"]])
+        return Verdict(True, f"Every gate passed: candidate {chosen.candidate.name} is registered as @challenger of "
+                             f"{findings.model_name} (a repair of version {findings.model_version}).",
+                       cli_command("promote", "--model", findings.model_name, store=store),
+                       "Check the gates and the label edits below; then promote the challenger to champion:")
+    headline = "Not registered: " + "; ".join(failure_reasons(findings.search, findings.gates)) + "."
+    tried = {o.candidate.name for o in findings.search.outcomes}
+    untried = [name for name in CANDIDATES_BY_NAME if name not in tried]
+    if untried:
+        return Verdict(False, headline, cli_command("correct", findings.audit_run_id, "--candidates",
+                                                    ",".join(untried), store=store),
+                       "The gate evidence below shows what broke. To try the repair candidates not tried yet:")
+    return Verdict(False, headline, cli_command("audit", "--model", findings.model_name, store=store),
+                   "Every repair candidate was tried. Flag more examples of the same mistake into the inbox and "
+                   "audit again:")
+
+
+def _used_by_correction(findings: CorrectionFindings) -> dict[str, str]:
+    chosen = findings.search.chosen
+    if chosen is None:
+        return {}
+    used = {t: "fine-tuned on" for t in chosen.repair.selected_ids}
+    used.update({t: f"relabelled to {y}" for t, y in chosen.repair.relabels.items()})
+    return used
+
+
+def _edit_rows(findings: CorrectionFindings) -> pd.DataFrame:
+    """One row per label edit: picture, id, label before and after, and what the audit proposed."""
+    relabels, train = findings.relabels, findings.train
+    audit = findings.audit_candidates.set_index("train_id") if len(findings.audit_candidates) else None
+    rows = []
+    for i, (t, y) in zip(train.positions(list(relabels)), relabels.items(), strict=True):
+        proposal = audit.loc[t] if audit is not None and t in audit.index else None
+        audit_action = proposal["action"] if proposal is not None else "not a suspect"
+        audit_label = proposal["proposed_label"] if proposal is not None else None
+        rows.append({"picture": thumbnail(train.inputs[i]), "train id": t, "label": int(train.labels[i]),
+                     "relabelled to": y, "audit proposed": audit_action,
+                     "audit's label": None if audit_label is None or pd.isna(audit_label) else int(audit_label),
+                     "as the audit proposed": audit_action == "relabel" and audit_label == y})
+    return pd.DataFrame(rows, columns=["picture", "train id", "label", "relabelled to", "audit proposed",
+                                       "audit's label", "as the audit proposed"])
+
+
+def _evidence_rows(findings: CorrectionFindings) -> pd.DataFrame:
+    """One row per gate-split example whose prediction the repair changed, lost ones first, with
+    its picture and the edits that touched its class."""
+    changes = findings.changes
+    if changes is None or len(changes) == 0:
+        return pd.DataFrame()
+    current = {t: int(findings.train.labels[i])
+               for t, i in zip(findings.relabels, findings.train.positions(list(findings.relabels)), strict=True)}
+    order = changes.assign(_o=changes["change"].map({"lost": 0, "changed": 1, "gained": 2})).sort_values(
+        ["_o", "label"], kind="stable")
+    positions = findings.gate_split.positions(order["example_id"])
+    return pd.DataFrame({
+        "picture": [thumbnail(findings.gate_split.inputs[i]) for i in positions],
+        "validation id": order["example_id"].tolist(), "label": order["label"].tolist(),
+        "champion predicted": order["before"].tolist(), "repair predicted": order["after"].tolist(),
+        "change": order["change"].tolist(),
+        "edits touching its class": [edits_touching(findings.relabels, current, y) for y in order["label"]]})
+
+
+def _evidence_text(findings: CorrectionFindings) -> str:
+    lost = findings.changes[findings.changes["change"] == "lost"] if findings.changes is not None else None
+    failed = [g.reason for g in findings.gates.failed] if findings.gates else []
+    head = ("The failed gates: " + " ".join(failed) + " ") if failed else ""
+    if lost is None or len(lost) == 0:
+        return head + "No gate-split example that the champion predicted correctly changed its prediction."
+    per_class = lost.groupby("label").size()
+    classes = ", ".join(f"class {int(c)}: {int(n)}" for c, n in per_class.items())
+    return (head + f"Examples the champion got right and the repair gets wrong, by class ({classes}); each row "
+            "lists the label edits that moved a training example into or out of its class.")
+
+
+def _candidate_rows(search: SearchResult) -> pd.DataFrame:
+    """The candidates' outcomes for the page (their configuration is in the logged table)."""
+    table = search.table()
+    table["candidate"] = [f"{n} (chosen)" if chosen else n for n, chosen in zip(table["candidate"], table["chosen"],
+                                                                             strict=True)]
+    keep = [c for c in table.columns if not c.endswith("_passed")
+            and c not in ("chosen", "strategy", "lr", "k", "steps", "rounds")]
+    return table[keep]
+
+
+def render_correction_report(folder: Path, findings: CorrectionFindings, verdict: Verdict) -> tuple[Path, Path]:
+    """Write `report.html` and `influence_horizon.png` of a correction run into `folder`; returns
+    (report, plot). Sections (HTML ids): gates, gate-evidence, candidates, edits, suspects,
+    horizon, rounds (gates and gate-evidence only when a candidate passed selection)."""
+    gates, chosen = findings.gates, findings.search.chosen
     selected, gated = findings.split_sizes
-    sections = [section(
-        "Repair candidates",
-        f"Each candidate repaired a copy of the model and was gated on a selection split of {selected} validation "
-        f"examples; the gates below use the other {gated}, which no candidate was chosen on. The chosen "
-        "candidate passes every selection gate with the highest fix rate (earliest on ties).",
-        table=tables["candidates"])]
+    tables = correction_tables(findings.search)
+    sections = []
     if gates is not None:
         gate_table = pd.DataFrame([{"gate": g.name, "before": g.before, "after": g.after, "threshold": g.threshold,
-                                    "passed": g.passed, "reason": g.reason} for g in gates.results])
-        sections.append(section("Gates", f"Champion (before) vs candidate `{chosen.candidate.name}` (after) on the "
-                                         "flagged batch and on the gate split of the validation data.",
-                                table=gate_table))
-    summary = f"{len(findings.search.outcomes)} repair candidate(s) tried on {findings.n_flagged} flagged examples. "
+                                    "passed": g.passed, "why": g.reason} for g in gates.results])
+        sections += [
+            Section("gates", "Gates", f"Champion (before) vs candidate {chosen.candidate.name} (after) on the "
+                    f"flagged batch and on {gated} validation examples no candidate was chosen on.", gate_table,
+                    "gates"),
+            Section("gate-evidence", "What changed on the validation examples", _evidence_text(findings),
+                    _evidence_rows(findings), "gate-evidence",
+                    empty_text="The repair changed no prediction on the gate split."),
+        ]
+    edits = _edit_rows(findings)
+    differ = int((~edits["as the audit proposed"]).sum()) if len(edits) else 0
+    sections += [
+        Section("candidates", "Repair candidates",
+                f"Each candidate repaired a copy of the model and was gated on a selection split of {selected} "
+                "validation examples. The chosen one passes every selection gate with the highest fix rate "
+                "(earliest on ties).", _candidate_rows(findings.search), "candidates"),
+        Section("edits", "Label edits of the chosen candidate",
+                "Each edit with what the audit proposed for that example"
+                + (f"; {differ} of {len(edits)} differ from the audit's proposals (the correction re-scores "
+                   "with the repaired model before each round, so it can pick other examples)." if differ else "."),
+                edits, "edits", empty_text="No label edits."),
+        suspects_section(findings.audit_candidates, findings.train, _used_by_correction(findings)),
+    ]
+    plot = folder / "influence_horizon.png"
+    sections += [
+        Section("horizon", "Influence horizon",
+                f"For each sampled flagged example, training subsets were fine-tuned on for s steps and the actual "
+                f"change of its loss compared with the change influence predicted. The repair takes at most "
+                f"{findings.step_budget} steps between re-scorings: the longest horizon whose Pearson correlation "
+                f"stays at or above {findings.min_correlation}.", findings.horizon, "horizon",
+                image=horizon_plot(findings.horizon, plot)),
+        Section("rounds", "Rounds of the chosen candidate", "Each round re-scores the still-wrong flagged examples "
+                "and fine-tunes on the training examples it selects (plus a replay sample).", tables["history"],
+                "rounds", empty_text="No candidate was chosen."),
+    ]
+    summary = f"{len(findings.search.outcomes)} repair candidate(s) tried on {findings.n_flagged} flagged examples"
     if chosen is not None:
         config, repaired = chosen.candidate.config, chosen.repair
-        summary += (f"Chosen: `{chosen.candidate.name}` (strategy `{config.strategy}`, influence method "
-                    f"`{config.method}`): {repaired.rounds} round(s), {repaired.steps_taken} fine-tuning steps, "
-                    f"{len(repaired.relabels)} label edits. ")
-    return render_report(
-        path, title=f"Correction of {findings.model_name} version {findings.model_version}",
-        summary=summary + verdict,
-        sections=sections + [
-            section("Influence horizon",
-                    f"For each sampled flagged example, training subsets were fine-tuned on for s steps and the "
-                    f"actual change of its loss compared with the change influence predicted. The repair takes "
-                    f"at most {findings.step_budget} steps between re-scorings: the longest horizon whose Pearson "
-                    f"correlation stays at or above {findings.min_correlation}.", table=findings.horizon,
-                    image=horizon_png),
-            section("Rounds of the chosen candidate", "Each round re-scores the still-wrong flagged examples and "
-                    "fine-tunes on the training examples it selects (plus a replay sample).", table=tables["history"]),
-            section("Label edits of the chosen candidate", table=edits),
-        ],
-    )
+        summary += (f"; chosen: {chosen.candidate.name} (strategy {config.strategy}): {repaired.rounds} round(s), "
+                    f"{repaired.steps_taken} fine-tuning steps, {len(repaired.relabels)} label edits. It re-scored "
+                    f"with influence method {config.method}; the audit used {findings.audit_method}")
+    report = render_page(folder / "report.html", f"Correction of {findings.model_name} version "
+                         f"{findings.model_version}", verdict, summary + ".", sections)
+    return report, plot
 
 
-def correction_metrics(findings: CorrectionFindings, label_noise: pd.DataFrame | None) -> dict[str, float]:
+def correction_metrics(findings: CorrectionFindings) -> dict[str, float]:
     """The correction run's metrics: the chosen candidate's gate metrics (GateReport.metrics), the
     search's `candidates_tried` / `candidates_passed_selection`, `step_budget`, and for the
-    chosen repair `steps_taken`, `rounds`, `n_relabels` and, given a label-noise table,
-    `relabel_precision`."""
+    chosen repair `steps_taken`, `rounds` and `n_relabels`."""
     outcomes = findings.search.outcomes
     metrics = findings.gates.metrics() if findings.gates else {}
     metrics.update({"candidates_tried": len(outcomes), "step_budget": findings.step_budget,
@@ -156,8 +259,6 @@ def correction_metrics(findings: CorrectionFindings, label_noise: pd.DataFrame |
     chosen = findings.search.chosen
     if chosen is not None:
         repaired = chosen.repair
-        if label_noise is not None and repaired.relabels:
-            metrics["relabel_precision"] = relabel_precision(repaired.relabels, label_noise)
         metrics.update({"steps_taken": repaired.steps_taken, "rounds": repaired.rounds,
                         "n_relabels": len(repaired.relabels)})
     return metrics

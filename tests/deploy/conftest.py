@@ -1,4 +1,5 @@
-"""A real `mlflow server` (SQL backend, loopback) for webhook tests, and a free-port helper."""
+"""A real `mlflow server` (SQL backend, loopback) for webhook tests, a free-port helper and a
+polling wait with a deadline."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -30,26 +33,29 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@pytest.fixture
-def mlflow_server(tmp_path, migrated_mlflow_db):
-    """`mlflow server` on 127.0.0.1 with its own sqlite copy; webhooks may call loopback over http
-    (MLflow refuses both by default). Yields the server URL."""
+@contextmanager
+def running_mlflow_server(folder: Path, template_db: Path, port: int | None = None, env: dict | None = None):
+    """`mlflow server` on 127.0.0.1 with its own sqlite copy of `template_db` in `folder` (kept if
+    there already); webhooks may call loopback over http (MLflow refuses both by default). Yields
+    the server URL; terminated (then killed) on exit. `port`: reuse one, e.g. to restart a server
+    in place; `env`: more environment variables for the server."""
     import requests
 
-    shutil.copy(migrated_mlflow_db, tmp_path / "server.db")
-    port = free_port()
+    if not (folder / "server.db").exists():
+        shutil.copy(template_db, folder / "server.db")
+    port = port or free_port()
     env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-           "MLFLOW_WEBHOOK_CACHE_TTL": "0"}
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - the server writes to it until teardown
+           "MLFLOW_WEBHOOK_CACHE_TTL": "0", **(env or {})}
+    log = open(folder / "server.log", "ab")  # noqa: SIM115 - the server writes to it until teardown
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", (tmp_path / "server-artifacts").as_uri(), "--host", "127.0.0.1",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--default-artifact-root", (folder / "server-artifacts").as_uri(), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
-        assert process.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
         try:
             return requests.get(f"{url}/health", timeout=2).ok
         except requests.RequestException:
@@ -64,4 +70,41 @@ def mlflow_server(tmp_path, migrated_mlflow_db):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, migrated_mlflow_db):
+    """A `running_mlflow_server` for one test. Yields the server URL."""
+    with running_mlflow_server(tmp_path, migrated_mlflow_db) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def shared_mlflow_server(tmp_path_factory, migrated_mlflow_db):
+    """A `running_mlflow_server` shared by a module's tests (each uses its own model names)."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), migrated_mlflow_db) as url:
+        yield url
+
+
+@contextmanager
+def running_receiver(app):
+    """`app` served as the service serves the receiver (registry_hooks.webhooks.receiver_config),
+    by uvicorn in a thread on a free loopback port; yields the receiver's URL."""
+    import threading
+
+    import uvicorn
+
+    from registry_hooks.webhooks import RECEIVER_PATH, receiver_config
+
+    server = uvicorn.Server(receiver_config(app, "127.0.0.1", free_port()))
+    thread = threading.Thread(target=server.run, name="test-webhook-receiver", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), 30, "webhook receiver")
+        assert server.started, "the webhook receiver did not start"
+        yield f"http://127.0.0.1:{server.config.port}{RECEIVER_PATH}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -86,7 +86,8 @@ def test_unverified_deliveries_are_refused_with_401(receiver, tamper):
 def test_verified_but_malformed_body_is_a_400(receiver):
     client, started = receiver
     body = b'{"entity": "model_version_alias"}'
-    headers = {"X-MLflow-Delivery-Id": "d-2", "X-MLflow-Timestamp": str(int(time.time()))}
+    headers = {"X-MLflow-Delivery-Id": "d-2", "X-MLflow-Timestamp": str(int(time.time())),
+               "Content-Type": "application/json"}
     headers["X-MLflow-Signature"] = signature(SECRET, "d-2", headers["X-MLflow-Timestamp"], body)
     assert client.post(RECEIVER_PATH, content=body, headers=headers).status_code == 400
     assert started == []
@@ -99,7 +100,7 @@ def test_verified_but_malformed_body_is_a_400(receiver):
 def _signed(body: bytes, delivery_id: str = "d-9") -> dict:
     timestamp = str(int(time.time()))
     return {"X-MLflow-Delivery-Id": delivery_id, "X-MLflow-Timestamp": timestamp,
-            "X-MLflow-Signature": signature(SECRET, delivery_id, timestamp, body)}
+            "X-MLflow-Signature": signature(SECRET, delivery_id, timestamp, body), "Content-Type": "application/json"}
 
 
 def test_hostile_deliveries_get_a_4xx_never_a_500(receiver):
@@ -119,6 +120,27 @@ def test_hostile_deliveries_get_a_4xx_never_a_500(receiver):
     assert client.post(RECEIVER_PATH, content=large, headers=_signed(large)).status_code == 413
     assert started == []
     assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
+
+
+def test_a_failure_to_start_work_is_a_503_that_mlflow_may_retry():
+    """MLflow retries 5xx answers with the same delivery id: a failed delivery is not remembered
+    as handled, so the retry gets through once the cause is gone."""
+    from audit.errors import AuditError
+
+    failures = [AuditError("The Prefect API has no deployment audit-and-correct/registry-audit.")]
+
+    def on_event(event):
+        if failures:
+            raise failures.pop()
+        return "run-1"
+
+    client = TestClient(receiver_app(SECRET, on_event, model_name="digits-classifier"))
+    body, headers = delivery("model_version_alias", "created",
+                             {"name": "digits-classifier", "alias": "champion", "version": "3"})
+    failed = client.post(RECEIVER_PATH, content=body, headers=headers)
+    assert failed.status_code == 503 and "has no deployment" in failed.json()["detail"]
+    retried = client.post(RECEIVER_PATH, content=body, headers=headers)
+    assert retried.status_code == 202 and retried.json()["run"] == "run-1"
 
 
 def test_receiver_and_webhook_refuse_an_empty_secret():

@@ -12,8 +12,8 @@ from audit.correction import CorrectionConfig, RepairCandidate, trusted_steps
 from audit.errors import AlreadyCorrected
 from flows.cli import app
 from flows.correct_flow import correct
-from flows.demo import MODEL_NAME, run_demo, summary
-from flows.settings import CorrectionSettings
+from flows.demo import MODEL_NAME, summary
+from flows.settings import CorrectionSettings, GateSettings, StoreSettings
 from registry_hooks import audit_log
 
 pytestmark = pytest.mark.slow  # trains, audits and repairs the demo model (about a minute)
@@ -27,9 +27,13 @@ NO_OP = RepairCandidate("no-op", CorrectionConfig(lr=1e-9, steps=1, rounds=1))
 WRECK = RepairCandidate("wreck", CorrectionConfig(lr=10.0, steps=10, rounds=1, reinforce_k=5))
 
 
-@pytest.fixture(scope="module")
-def demo_result(prefect_harness, tmp_path_factory):
-    return run_demo(tmp_path_factory.mktemp("demo") / "workdir")
+@pytest.fixture
+def demo_result(demo_run):
+    """The session's demo, with MLflow pointed at its store."""
+    from registry_hooks.store import use_store
+
+    use_store(demo_run.workdir)
+    return demo_run
 
 
 def _artifact_json(run_id, path):
@@ -46,12 +50,13 @@ def _fresh_audit(demo_result) -> str:
     import shutil
 
     from flows.audit_flow import audit
-    from flows.settings import AuditSettings
+    from flows.settings import AuditSettings, StoreSettings
 
     workdir = demo_result.workdir
     for batch in (workdir / "processed" / demo_result.audit.run_id).iterdir():
         shutil.copy(batch, workdir / "inbox" / batch.name)
-    return audit(AuditSettings(workdir=workdir, model_name=MODEL_NAME, method="graddot")).run_id
+    store = StoreSettings(workdir=workdir, allow_pickle=True)
+    return audit(store, AuditSettings(model_name=MODEL_NAME, method="graddot")).run_id
 
 
 def test_demo_logs_every_candidate_and_gate_and_registers_only_a_gated_challenger(demo_result):
@@ -117,8 +122,9 @@ def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_
     # By construction: the wreck fails the held-out gates; the no-op passes every gate once the
     # fix-rate gate asks for 0.
     audit_run_id = _fresh_audit(demo_result)
-    settings = CorrectionSettings(workdir=demo_result.workdir, min_fix_rate=0.0)
-    result = correct(settings, audit_run_id, candidates=(WRECK, NO_OP))
+    store = StoreSettings(workdir=demo_result.workdir, allow_pickle=True)
+    settings = CorrectionSettings(gates=GateSettings(min_fix_rate=0.0))
+    result = correct(store, settings, audit_run_id, candidates=(WRECK, NO_OP))
     assert [o.candidate.name for o in result.search.outcomes] == ["wreck", "no-op"]
     assert not result.search.outcomes[0].selection.passed and result.search.chosen.candidate.name == "no-op"
     assert result.gates.passed, result.failure_reasons()
@@ -130,7 +136,7 @@ def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_
     # one audit registers at most one version: a second correction reports the first
     before = _versions()
     with pytest.raises(AlreadyCorrected, match=f"version {result.registered_version} of {MODEL_NAME}"):
-        correct(settings, audit_run_id, candidates=(NO_OP,))
+        correct(store, settings, audit_run_id, candidates=(NO_OP,))
     out = CliRunner().invoke(app, ["correct", audit_run_id, "--workdir", str(demo_result.workdir)])
     assert out.exit_code == 0 and f"already corrected: version {result.registered_version}" in out.output
     assert _versions() == before
@@ -140,7 +146,9 @@ def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_
     assert "held-out accuracy" in candidates.loc[0, "failed_because"]
     assert not candidates.loc[0, "heldout_accuracy_passed"]
     report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/correction/report.html")
-    assert "Every gate passed: candidate `no-op` is registered as challenger." in report
+    assert "Every gate passed: candidate no-op is registered as @challenger" in report
+    assert f'<code class="next-command">model-audit promote --model {MODEL_NAME} --workdir' in report
+    assert result.verdict.passed and result.verdict.next_command in report
     from registry_hooks.lineage import recover_training_data
     from registry_hooks.model_io import resolve_version
 
@@ -155,7 +163,8 @@ def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_
 def test_a_search_where_no_candidate_can_pass_registers_nothing_and_names_each_failure(demo_result):
     before = _versions()
     # By construction: doing nothing fixes none of the flagged mispredictions, and the wreck fails too.
-    result = correct(CorrectionSettings(workdir=demo_result.workdir, min_fix_rate=1.0), _fresh_audit(demo_result),
+    store = StoreSettings(workdir=demo_result.workdir, allow_pickle=True)
+    result = correct(store, CorrectionSettings(gates=GateSettings(min_fix_rate=1.0)), _fresh_audit(demo_result),
                      candidates=(NO_OP, WRECK))
     assert result.registered_version is None and result.gates is None and result.search.chosen is None
     (reason,) = result.failure_reasons()
@@ -165,14 +174,15 @@ def test_a_search_where_no_candidate_can_pass_registers_nothing_and_names_each_f
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["audit.gates"] == "failed" and run.data.params["correction.candidate"] == "none"
     report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/correction/report.html")
-    assert "Not registered: no repair candidate passed" in report
+    assert "Not registered: no repair candidate passed" in report and 'class="verdict failed"' in report
 
 
 def test_cli_bad_input_is_one_sentence_and_exit_2(demo_result, tmp_path):
     versions_before = len(MlflowClient().search_model_versions(f"name='{MODEL_NAME}'"))
     bad = tmp_path / "flagged.csv"
     bad.write_text("example_id,pixels,predicted_label,true_label\na,\"[1.0, 2.0]\",1,3\n")
-    out = CliRunner().invoke(app, ["audit", "--workdir", str(demo_result.workdir), "--inbox", str(bad)])
+    out = CliRunner().invoke(app, ["audit", "--workdir", str(demo_result.workdir), "--inbox", str(bad),
+                                   "--allow-pickle"])
     assert out.exit_code == 2
     errors = [line for line in out.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1

@@ -7,13 +7,13 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from audit.digits import INPUT_SHAPE, NUM_CLASSES
+from audit.demo.digits import INPUT_SHAPE, NUM_CLASSES
+from audit.demo.models import SmallResNet
 from audit.errors import InvalidFlaggedBatch
 from audit.flagged import flagged_frame, write_batch
-from audit.models import SmallResNet
 from audit.training import TrainConfig, predict_logits, train
 from flows.audit_flow import audit
-from flows.settings import AuditSettings
+from flows.settings import AuditSettings, StoreSettings
 from registry_hooks.audit_log import load_table
 from registry_hooks.lineage import log_training_data
 from registry_hooks.model_io import ModelSpec, log_classifier
@@ -40,7 +40,8 @@ def registered(mlflow_store, digits_splits):
 def test_audit_logs_the_design_layout_and_archives_the_batch(prefect_harness, registered):
     workdir, frame = registered
     write_batch(frame, workdir / "inbox" / "batch.parquet")
-    result = audit(AuditSettings(workdir=workdir, model_name="m", top_k=5, method="graddot"))
+    store = StoreSettings(workdir=workdir, allow_pickle=True)
+    result = audit(store, AuditSettings(model_name="m", top_k=5, method="graddot"))
 
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["audit.kind"] == "audit"
@@ -51,9 +52,19 @@ def test_audit_logs_the_design_layout_and_archives_the_batch(prefect_harness, re
             "audit/correction_candidates.parquet", "audit/flagged_validation.json",
             "audit/influence_grid.png"} <= names
     report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/audit/report.html")
-    # the candidates are explained next to their table; table cells show rounded numbers
-    assert "relabel: a harmful example labelled as the wrong prediction" in report
+    # the suspects are explained next to their table; table cells show rounded numbers
+    assert "relabel: harmful to the flagged examples listed" in report
     assert "data:image/png;base64," in report and not re.search(r"<td>-?\d+\.\d{6,}", report)
+    assert result.verdict.next_command.startswith(f"model-audit correct {result.run_id} --workdir")
+    assert f'<code class="next-command">{result.verdict.next_command}</code>' in report
+    suspects = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/audit/suspects.json"))
+    assert len(suspects["data"]) == result.n_candidates and "picture" in suspects["columns"]
+    # an operator watching Prefect sees the outcome without opening MLflow
+    from prefect.artifacts import Artifact
+
+    outcome = Artifact.get("audit-outcome")
+    assert result.verdict.next_command in outcome.data and f"/runs/{result.run_id}" in outcome.data
+    assert len(json.loads(Artifact.get("audit-table").data)) == min(result.n_candidates, 20)
     table = load_table(result.run_id, "influence")
     assert len(table) == len(frame) * 2 * 5
     helpful = table[table.role == "helpful"]
@@ -69,7 +80,7 @@ def test_a_bad_batch_is_quarantined_and_nothing_is_logged(prefect_harness, regis
     write_batch(frame, workdir / "inbox" / "bad.parquet")
     runs_before = len(mlflow.search_runs(search_all_experiments=True))
     with pytest.raises(InvalidFlaggedBatch, match="`true_label` in the label set 0..9"):
-        audit(AuditSettings(workdir=workdir, model_name="m"))
+        audit(StoreSettings(workdir=workdir, allow_pickle=True), AuditSettings(model_name="m"))
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
     (quarantined,) = (workdir / "quarantine").iterdir()
     assert (quarantined / "bad.parquet").exists()
@@ -82,7 +93,7 @@ def test_an_unreadable_file_quarantines_the_batch_so_later_runs_are_not_blocked(
     write_batch(frame, workdir / "inbox" / "good.parquet")
     (workdir / "inbox" / "torn.parquet").write_bytes(b"PAR1 not really parquet")
     with pytest.raises(InvalidFlaggedBatch, match=r"Cannot read flagged batch torn.parquet: .* The batch was moved to"):
-        audit(AuditSettings(workdir=workdir, model_name="m"))
+        audit(StoreSettings(workdir=workdir, allow_pickle=True), AuditSettings(model_name="m"))
     assert not any((workdir / "inbox").iterdir())
     (quarantined,) = (workdir / "quarantine").iterdir()
     assert {p.name for p in quarantined.iterdir()} == {"good.parquet", "torn.parquet", "flagged_validation.json"}
@@ -107,15 +118,16 @@ def test_batches_of_runs_that_died_are_audited_once(prefect_harness, registered)
     from registry_hooks.tags import RunTags
 
     workdir, frame = registered
-    settings = AuditSettings(workdir=workdir, model_name="m", top_k=5, method="graddot")
+    store = StoreSettings(workdir=workdir, allow_pickle=True)
+    settings = AuditSettings(model_name="m", top_k=5, method="graddot")
     # died after claiming, before logging: the batch is re-queued and audited
     _stale_claim(workdir, "died-early", frame)
-    first = audit(settings)
+    first = audit(store, settings)
     assert first.n_flagged == len(frame) and (workdir / "processed" / first.run_id / "batch.parquet").exists()
     # died after its audit was logged in full: archived under that audit, not audited again
     _stale_claim(workdir, "died-after-logging", frame)
     with pytest.raises(EmptyInbox):
-        audit(settings)
+        audit(store, settings)
     assert not (workdir / "claims" / "died-after-logging").exists()
     assert len(mlflow.search_runs(filter_string="tags.`audit.kind` = 'audit'")) == 1
     # died while logging: its run is marked FAILED and the batch audited again
@@ -125,7 +137,7 @@ def test_batches_of_runs_that_died_are_audited_once(prefect_harness, registered)
     experiment = client.get_experiment_by_name("model-audit").experiment_id
     digest = batch_digest(read_batch_file(claimed))  # as the audit computes it, from the file
     half = client.create_run(experiment, tags=RunTags("m", "1", "audit", digest).to_mlflow())
-    second = audit(settings)
+    second = audit(store, settings)
     assert client.get_run(half.info.run_id).info.status == "FAILED"
     assert second.n_flagged == len(partial) and second.run_id != half.info.run_id
     assert not any((workdir / "claims").iterdir())

@@ -9,7 +9,7 @@ import torch
 
 from audit.errors import LineageError
 from audit.examples import ExampleTable
-from registry_hooks.lineage import load_label_noise, log_training_data, recover_training_data
+from registry_hooks.lineage import log_training_data, recover_training_data
 
 
 def _table(prefix, n, seed):
@@ -51,4 +51,3 @@ def test_a_run_without_data_inputs_has_no_lineage(mlflow_store):
         pass
     with pytest.raises(LineageError, match="records no `train` dataset input"):
         recover_training_data(run.info.run_id, (1, 8, 8))
-    assert load_label_noise(run.info.run_id) is None

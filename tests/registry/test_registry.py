@@ -5,8 +5,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from audit.demo.models import SmallResNet
 from audit.errors import AuditError
-from audit.models import SmallResNet
 from registry_hooks.model_io import ModelSpec, load_version, log_classifier, resolve_version
 from registry_hooks.registry import promote, register_challenger, register_version
 
@@ -24,7 +24,7 @@ def test_logged_model_round_trips_with_its_spec(mlflow_store):
     version = register_version(uri, "m", "champion")
     ref = resolve_version("m", alias="champion")
     assert (ref.version, ref.run_id, ref.spec) == (version, run_id, ModelSpec((1, 8, 8), 10))
-    loaded = load_version(ref).model
+    loaded = load_version(ref, allow_pickle=True).model
     x = torch.rand(3, 1, 8, 8) * 16
     # The pickled module keeps a dynamic batch size and stays trainable (pt2 would not).
     assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
@@ -86,12 +86,12 @@ def test_a_model_file_swapped_in_the_artifact_store_is_refused_before_it_runs(ml
     _, uri, _ = _logged_model(0)
     register_version(uri, "m", "champion")
     ref = resolve_version("m", alias="champion")
-    assert ref.model_digest and load_version(ref).model is not None
+    assert ref.model_digest and load_version(ref, allow_pickle=True).model is not None
     (weights,) = [p for p in (mlflow_store / "mlruns").rglob("model.pth")]
     marker = tmp_path / "payload-ran"
     weights.write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(IntegrityError, match="differ from those logged with it"):
-        load_version(resolve_version("m", alias="champion"))
+        load_version(resolve_version("m", alias="champion"), allow_pickle=True)
     assert not marker.exists()
 
 
@@ -104,7 +104,7 @@ def test_a_version_without_a_recorded_digest_is_refused(mlflow_store):
     register_version(uri, "m", "champion")
     ref = dataclasses.replace(resolve_version("m", alias="champion"), model_digest=None)
     with pytest.raises(IntegrityError, match="has no recorded `model_digest`"):
-        load_version(ref)
+        load_version(ref, allow_pickle=True)
 
 
 def test_mlflow_refusing_pickle_is_one_sentence(mlflow_store, monkeypatch):
@@ -114,4 +114,4 @@ def test_mlflow_refusing_pickle_is_one_sentence(mlflow_store, monkeypatch):
     register_version(uri, "m", "champion")
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     with pytest.raises(IntegrityError, match="MLflow refused to load version 1 of m"):
-        load_version(resolve_version("m", alias="champion"))
+        load_version(resolve_version("m", alias="champion"), allow_pickle=True)

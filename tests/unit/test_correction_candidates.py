@@ -99,7 +99,7 @@ def test_shape_mismatches_raise_invalid_input():
 
 
 def test_unfiltered_random_plan_takes_each_querys_top_k_with_no_other_filter():
-    from audit.correction.baselines import unfiltered_plan
+    from bench.baselines import unfiltered_plan
 
     scores = torch.tensor([[0.9, 0.1, 0.8, 0.7], [0.2, 0.95, 0.85, 0.1]])  # [Q=2, N=4]
     labels = torch.tensor([3, 3, 1, 2])

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from audit.correction import PER_QUERY_CONFIG, CorrectionConfig, influence_horizon, repair_batch, repair_per_query
-from audit.correction.baselines import repair_flagged_finetune, repair_random
-from audit.digits import load_digits_splits
+from audit.demo.digits import load_digits_splits
+from audit.demo.models import SmallResNet
 from audit.errors import InvalidInput
 from audit.examples import ExampleTable
 from audit.influence import influence_scores
-from audit.models import SmallResNet
 from audit.training import TrainConfig, predict_logits, train
+from bench.baselines import repair_flagged_finetune, repair_random
 
 
 @pytest.fixture(scope="module")

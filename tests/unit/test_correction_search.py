@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from audit.correction import DEFAULT_CANDIDATES, CorrectionConfig, RepairCandidate, search_repairs, selection_split
-from audit.digits import load_digits_splits
+from audit.demo.digits import load_digits_splits
+from audit.demo.models import DigitsMLP
 from audit.errors import InvalidInput
 from audit.gates import GateThresholds
-from audit.models import DigitsMLP
 from audit.training import TrainConfig, predict_logits, train
 
 # lr 1e-9 moves no weight by more than ~1e-8: every prediction stays the champion's

@@ -27,25 +27,3 @@ def test_self_influence_table_is_sorted_most_unusual_first():
     table = self_influence_table(torch.tensor([0.1, 5.0, 0.3, 2.0]), train)
     assert list(table.train_id) == ["t1", "t3", "t2", "t0"]
     assert list(table["rank"]) == [1, 2, 3, 4]
-
-
-def test_the_audit_report_is_built_from_findings_alone(tmp_path):
-    import torch
-
-    from audit.audit_report import render_audit_report
-    from audit.examples import ExampleTable
-    from audit.findings import build_findings
-    from audit.models import DigitsMLP
-
-    torch.manual_seed(0)
-    model = DigitsMLP()
-    train = ExampleTable(tuple(f"t{i}" for i in range(12)), torch.rand(12, 1, 8, 8) * 16, torch.arange(12) % 10)
-    flagged = ExampleTable(("<b>q0</b>", "q1"), torch.rand(2, 1, 8, 8) * 16, torch.tensor([3, 4]))
-    scores = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
-    findings = build_findings(model, "m", "1", "graddot", train, flagged, torch.tensor([5, 6]), scores,
-                              scores.abs().sum(0), top_k=3)
-    assert set(findings.influence["query_id"]) == {"<b>q0</b>", "q1"} and len(findings.self_influence) == 12
-    report, grid = render_audit_report(tmp_path, findings)
-    html = report.read_text()
-    assert grid.is_file() and "Audit of m version 1" in html and "data:image/png;base64," in html
-    assert "&lt;b&gt;q0&lt;/b&gt;" in html and "<b>q0</b>" not in html  # data text is escaped

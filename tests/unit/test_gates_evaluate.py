@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from audit.digits import NUM_CLASSES, load_digits_splits
+from audit.demo.digits import NUM_CLASSES, load_digits_splits
+from audit.demo.models import SmallResNet
 from audit.errors import InvalidInput
 from audit.gates import GateReport, GateThresholds, evaluate_gates
 from audit.gates.onnx_parity import EXPORT_BATCH, onnx_parity_gate
-from audit.models import SmallResNet
 from audit.training import TrainConfig, predict_logits, train
 
 METRIC_KEYS = {

@@ -3,9 +3,10 @@
 import subprocess
 import sys
 
-LIBRARY_MODULES = ["audit", "audit.examples", "audit.digits", "audit.models", "audit.training",
+LIBRARY_MODULES = ["audit", "audit.examples", "audit.demo.digits", "audit.demo.models", "audit.training",
                    "audit.influence", "audit.correction", "audit.gates", "audit.flagged",
-                   "audit.validation", "audit.findings", "audit.report"]
+                   "audit.validation", "audit.findings", "audit.report_page", "audit.audit_report",
+                   "audit.correction.report", "audit.verdict"]
 
 
 def test_library_imports_no_orchestration_or_tracking_client():

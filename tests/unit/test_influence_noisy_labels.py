@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from audit.digits import load_digits_splits
+from audit.demo.digits import load_digits_splits
+from audit.demo.models import DigitsMLP
 from audit.influence import self_influence
-from audit.models import DigitsMLP
 from audit.training import TrainConfig, train
 
 

@@ -69,3 +69,44 @@ def test_an_unparsable_csv_cell_is_one_sentence(tmp_path):
     bad.write_text('example_id,pixels,predicted_label,true_label\na,"[1.0, 2.0",1,3\n')
     with pytest.raises(InvalidFlaggedBatch, match="Cannot read flagged batch flagged.csv"):
         read_batch_file(bad)
+
+
+def test_pixels_outside_the_training_range_are_named_with_the_range_and_the_row_count():
+    from audit.validation import RANGE_TOLERANCE
+
+    frame = _frame()
+    frame["pixels"] = frame["pixels"].astype(object)
+    frame.at[0, "pixels"] = [0.0] * 63 + [16.5]  # one value above
+    frame.at[1, "pixels"] = [-1.0] * 64  # all below
+    result = validate_flagged_frame(frame, num_classes=10, input_size=64, input_range=(0.0, 16.0))
+    assert result.failed_checks == ("every `pixels` value within the model's training range [0, 16]: 2 rows outside",)
+    # within the stated tolerance, RANGE_TOLERANCE x the range's width, a value still passes
+    edge = _frame()
+    edge.at[0, "pixels"] = [16.0 + 0.9 * RANGE_TOLERANCE * 16.0] * 64
+    edge.at[1, "pixels"] = [-0.9 * RANGE_TOLERANCE * 16.0] * 64
+    assert validate_flagged_frame(edge, num_classes=10, input_size=64, input_range=(0.0, 16.0)).success
+    edge.at[2, "pixels"] = [16.0 + 2 * RANGE_TOLERANCE * 16.0] * 64
+    assert validate_flagged_frame(edge, num_classes=10, input_size=64, input_range=(0.0, 16.0)).failed_checks == (
+        "every `pixels` value within the model's training range [0, 16]: 1 row outside",)
+
+
+def test_without_a_recorded_range_pixels_are_checked_for_finiteness_only():
+    frame = _frame()
+    frame.at[0, "pixels"] = [99.0] * 64
+    assert validate_flagged_frame(frame, num_classes=10, input_size=64).success
+    # a non-finite row is named once, by the finiteness check, not again as out of range
+    frame.at[1, "pixels"] = [float("inf")] * 64
+    result = validate_flagged_frame(frame, num_classes=10, input_size=64, input_range=(0.0, 16.0))
+    assert result.failed_checks == ("every pixel value is a finite number within float32 range",
+                                    "every `pixels` value within the model's training range [0, 16]: 1 row outside")
+
+
+def test_a_batch_over_the_row_bound_fails_on_that_alone():
+    frame = _frame()
+    frame.loc[0, "true_label"] = 42  # not reported: a batch this size is refused before its rows are read
+    result = validate_flagged_frame(frame, num_classes=10, input_size=64, max_rows=2, input_range=(0.0, 16.0))
+    assert not result.success
+    assert result.failed_checks == ("at most 2 rows (`max_flagged`; this batch has 3)",)
+    assert result.summary() == ("The flagged batch failed these checks: "
+                                "at most 2 rows (`max_flagged`; this batch has 3).")
+    assert validate_flagged_frame(_frame(), num_classes=10, input_size=64, max_rows=3).success

@@ -30,6 +30,16 @@ class DigitsSplits:
         """Bool [N_train]: training examples whose label was flipped."""
         return self.train.labels != self.clean_train_labels
 
+    def relabel_precision(self, relabels: dict[str, int]) -> float | None:
+        """Fraction in [0, 1] of `relabels` (train id -> new label) that restore a flipped label to
+        its clean value; None when there are none. Only the demo knows the clean labels."""
+        if not relabels:
+            return None
+        positions = self.train.positions(list(relabels))
+        hits = sum(bool(self.flipped[i]) and int(self.clean_train_labels[i]) == y
+                   for i, y in zip(positions, relabels.values(), strict=True))
+        return hits / len(relabels)
+
 
 def load_digits_splits(
     noise_rate: float = 0.1, seed: int = 0, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
