@@ -23,8 +23,6 @@ from __future__ import annotations
 import base64
 import math
 import shlex
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +32,10 @@ import pandas as pd
 import pytest
 
 from tests.browser.conftest import record_screenshot
-from tests.deploy.conftest import free_port, wait_until
+from tests.deploy.conftest import mlflow_server_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-SERVER_STARTUP_TIMEOUT_S = 90
 WAIT_S = 60
 OVERFLOW_TOLERANCE_PX = 2
 MAX_SCREENSHOT_PX = 16000  # Chromium's capture limit is 16384 px a side
@@ -95,38 +92,11 @@ def demo(browser, request) -> Demo:
 def mlflow_ui(demo, tmp_path_factory):
     """`mlflow server` on 127.0.0.1 over the demo's store: its sqlite database, artifacts under
     <workdir>/mlruns (what `ui_command` prints). Yields the server URL."""
-    import requests
-
     from registry_hooks.store import tracking_uri
 
-    port = free_port()
     log_path = tmp_path_factory.mktemp("mlflow-ui") / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until teardown
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(demo.workdir),
-         "--default-artifact-root", (demo.workdir / "mlruns").as_uri(), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert process.poll() is None, f"mlflow server exited: {log_path.read_text()[-2000:]}"
-        try:
-            return requests.get(f"{url}/health", timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_until(up, SERVER_STARTUP_TIMEOUT_S, "mlflow server", interval_s=0.5)
+    with mlflow_server_process(tracking_uri(demo.workdir), (demo.workdir / "mlruns").as_uri(), log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
-        log.close()
 
 
 # ---------------------------------------------------------------------------------------------

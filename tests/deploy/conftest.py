@@ -34,28 +34,22 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
 
 
 @contextmanager
-def running_mlflow_server(folder: Path, template_db: Path, port: int | None = None, env: dict | None = None):
-    """`mlflow server` on 127.0.0.1 with its own sqlite copy of `template_db` in `folder` (kept if
-    there already); webhooks may call loopback over http (MLflow refuses both by default). Yields
-    the server URL; terminated (then killed) on exit. `port`: reuse one, e.g. to restart a server
-    in place; `env`: more environment variables for the server."""
+def mlflow_server_process(backend_uri: str, artifact_root: str, log_path: Path, port: int | None = None,
+                          env: dict | None = None):
+    """`mlflow server` on 127.0.0.1 over `backend_uri` and `artifact_root` (a URI), its stderr
+    appended to `log_path`; yields its URL once /health answers, terminated (then killed) on exit."""
     import requests
 
-    if not (folder / "server.db").exists():
-        shutil.copy(template_db, folder / "server.db")
     port = port or free_port()
-    env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-           "MLFLOW_WEBHOOK_CACHE_TTL": "0", **(env or {})}
-    log = open(folder / "server.log", "ab")  # noqa: SIM115 - the server writes to it until teardown
+    log = open(log_path, "ab")  # noqa: SIM115 - the server writes to it until teardown
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--default-artifact-root", (folder / "server-artifacts").as_uri(), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=log)
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+         "--default-artifact-root", artifact_root, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
-        assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
+        assert process.poll() is None, f"mlflow server exited: {log_path.read_text()[-2000:]}"
         try:
             return requests.get(f"{url}/health", timeout=2).ok
         except requests.RequestException:
@@ -70,8 +64,23 @@ def running_mlflow_server(folder: Path, template_db: Path, port: int | None = No
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
+            process.wait(timeout=20)
         log.close()
+
+
+@contextmanager
+def running_mlflow_server(folder: Path, template_db: Path, port: int | None = None, env: dict | None = None):
+    """`mlflow server` on 127.0.0.1 with its own sqlite copy of `template_db` in `folder` (kept if
+    there already); webhooks may call loopback over http (MLflow refuses both by default). Yields
+    the server URL; terminated (then killed) on exit. `port`: reuse one, e.g. to restart a server
+    in place; `env`: more environment variables for the server."""
+    if not (folder / "server.db").exists():
+        shutil.copy(template_db, folder / "server.db")
+    webhooks = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                "MLFLOW_WEBHOOK_CACHE_TTL": "0"}
+    with mlflow_server_process(f"sqlite:///{folder / 'server.db'}", (folder / "server-artifacts").as_uri(),
+                       folder / "server.log", port, {**webhooks, **(env or {})}) as url:
+        yield url
 
 
 @pytest.fixture
