@@ -44,6 +44,31 @@ def read_batch_file(path: Path) -> pd.DataFrame:
     return frame
 
 
+def read_batch(files: list[Path], max_rows: int) -> pd.DataFrame:
+    """The batch files as one frame. Row counts are taken first (Parquet metadata, CSV lines), so a
+    batch over `max_rows` is refused before it is loaded (InvalidFlaggedBatch naming both counts);
+    so is a file that cannot be read."""
+    rows = sum(_row_count(f) for f in files)
+    if rows > max_rows:
+        raise InvalidFlaggedBatch(f"The flagged batch has {rows} rows, more than the {max_rows} an audit takes "
+                                  "(`max_flagged`); split it into smaller batches.")
+    return pd.concat([read_batch_file(f) for f in files], ignore_index=True)
+
+
+def _row_count(path: Path) -> int:
+    """Rows of one batch file without loading it (CSV: lines after the header, an upper bound when
+    quoted cells span lines)."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        with open(path, "rb") as handle:
+            return max(sum(1 for _ in handle) - 1, 0)
+    except Exception as exc:  # unreadable: the same sentence as reading it would give
+        raise InvalidFlaggedBatch(f"Cannot read flagged batch {path.name}: {exc}".splitlines()[0]) from exc
+
+
 def write_batch(frame: pd.DataFrame, path: Path) -> Path:
     """Write a flagged batch as Parquet (creating the folder); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)

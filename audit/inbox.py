@@ -13,9 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from audit.flagged import batch_files
+import pandas as pd
+
+from audit.errors import InvalidFlaggedBatch
+from audit.flagged import batch_digest, batch_files, read_batch_file
 
 
 def claim_batch(inbox: Path, claims: Path, claim_id: str) -> list[Path]:
@@ -63,8 +67,40 @@ def stale_claims(claims: Path, older_than_s: float, now: float | None = None) ->
     return sorted(folders, key=lambda p: p.stat().st_mtime)
 
 
+def claimed_files(claim: Path) -> list[Path]:
+    """The batch files in a claim folder, by name."""
+    return sorted(p for p in claim.iterdir() if p.is_file())
+
+
 def requeue(claim: Path, inbox: Path) -> list[Path]:
-    """Hand a claim's files back to `inbox` (a folder) for the next run; returns their new paths."""
-    files = sorted(p for p in claim.iterdir() if p.is_file())
-    move_files(files, inbox)
-    return [inbox / f.name for f in files]
+    """Hand a claim's files back to `inbox` for the next run: into the folder, or, for an inbox
+    that is one batch file, back to that file's place. Returns their new paths."""
+    folder = inbox.parent if inbox.suffix.lower() in (".parquet", ".csv") and not inbox.is_dir() else inbox
+    files = claimed_files(claim)
+    move_files(files, folder)
+    return [folder / f.name for f in files]
+
+
+def claim_digest(claim: Path) -> str | None:
+    """The content digest of a claimed batch (as audits record it); None when a file cannot be read
+    or lacks a required column (no audit can have logged such a batch)."""
+    try:
+        return batch_digest(pd.concat([read_batch_file(f) for f in claimed_files(claim)], ignore_index=True))
+    except (InvalidFlaggedBatch, KeyError):
+        return None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What becomes of a stale claim: archived under the FINISHED audit of the same batch
+    (`archive_under`), else handed back to the inbox; audits it left RUNNING are `mark_failed`."""
+
+    archive_under: str | None
+    mark_failed: tuple[str, ...]
+
+
+def recovery_for(runs: dict[str, str]) -> Recovery:
+    """The recovery of a stale claim from the audits of its batch ({run id: MLflow status})."""
+    finished = sorted(r for r, status in runs.items() if status == "FINISHED")
+    running = tuple(sorted(r for r, status in runs.items() if status == "RUNNING"))
+    return Recovery(finished[0] if finished else None, () if finished else running)

@@ -26,8 +26,8 @@ from audit.audit_report import audit_verdict, render_audit_report, suspects_tabl
 from audit.errors import EmptyInbox, InvalidFlaggedBatch
 from audit.examples import ExampleTable
 from audit.findings import AuditFindings, build_findings
-from audit.flagged import batch_digest, flagged_table, read_batch_file
-from audit.inbox import claim_batch, move_files, requeue, stale_claims
+from audit.flagged import batch_digest, flagged_table, read_batch
+from audit.inbox import claim_batch, claim_digest, claimed_files, move_files, recovery_for, requeue, stale_claims
 from audit.influence import influence_scores, self_influence
 from audit.validation import BatchValidation, validate_flagged_frame
 from audit.verdict import StoreArgs, Verdict
@@ -63,22 +63,16 @@ class AuditResult:
 
 @task(cache_policy=NO_CACHE)
 def recover_claims(settings: AuditSettings, workdir: Path) -> None:
-    """Hand back the batches of runs that died holding a claim: a batch an audit already logged in
-    full is archived under that run; an audit left RUNNING is marked FAILED and its batch re-queued."""
-    inbox = workdir / "inbox"
+    """Hand back the batches of runs that died holding a claim (audit.inbox.recovery_for)."""
     for claim in stale_claims(workdir / "claims", settings.claim_timeout_s):
-        files = sorted(p for p in claim.iterdir() if p.is_file())
-        try:
-            runs = audit_log.audit_runs_for_batch(batch_digest(pd.concat([read_batch_file(f) for f in files])))
-        except InvalidFlaggedBatch:  # unreadable: the next run quarantines it
-            runs = {}
-        finished = [run_id for run_id, status in runs.items() if status == "FINISHED"]
-        if finished:
-            move_files(files, workdir / "processed" / finished[0])
-            continue
-        for run_id in (r for r, status in runs.items() if status == "RUNNING"):
+        digest = claim_digest(claim)  # None: unreadable, the next run quarantines it
+        recovery = recovery_for(audit_log.audit_runs_for_batch(digest) if digest else {})
+        for run_id in recovery.mark_failed:
             audit_log.mark_failed(run_id)
-        requeue(claim, inbox)
+        if recovery.archive_under:
+            move_files(claimed_files(claim), workdir / "processed" / recovery.archive_under)
+        else:
+            requeue(claim, settings.inbox_in(workdir))
 
 
 @task(cache_policy=NO_CACHE)
@@ -92,15 +86,15 @@ def claim(inbox: Path, workdir: Path, claim_id: str) -> list[Path]:
 
 
 @task(cache_policy=NO_CACHE)
-def fetch_flagged(files: list[Path], workdir: Path) -> pd.DataFrame:
-    """Read the claimed batch files into one frame; a file that cannot be read sends the whole
-    batch to quarantine, like a failed validation, so it cannot block later runs."""
+def fetch_flagged(files: list[Path], workdir: Path, max_rows: int) -> pd.DataFrame:
+    """Read the claimed batch files into one frame; a file that cannot be read, or a batch over
+    `max_rows` (counted before loading), sends the whole batch to quarantine, like a failed
+    validation, so it cannot block later runs."""
     try:
-        frames = [read_batch_file(f) for f in files]
+        return read_batch(files, max_rows)
     except InvalidFlaggedBatch as exc:
         folder = quarantine(files, workdir, {"success": False, "error": str(exc)})
         raise InvalidFlaggedBatch(f"{exc} The batch was moved to {folder}.") from None
-    return pd.concat(frames, ignore_index=True)
 
 
 @task(cache_policy=NO_CACHE)
@@ -182,7 +176,7 @@ def audit(store: StoreSettings, settings: AuditSettings) -> AuditResult:
     require_pickle_opt_in(ref, store.allow_pickle)  # before the claim: a refused run leaves the batch in the inbox
     recover_claims(settings, store.workdir)
     files = claim(settings.inbox_in(store.workdir), store.workdir, flow_run.get_id() or uuid.uuid4().hex)
-    frame = fetch_flagged(files, store.workdir)
+    frame = fetch_flagged(files, store.workdir, settings.max_flagged)
     validation = validate_flagged(files, frame, ref.spec, store.workdir, settings.max_flagged)
     flagged, predicted = flagged_table(frame, ref.spec.input_shape)
     loaded = load_model(ref, store.allow_pickle)

@@ -111,14 +111,14 @@ def _progress() -> bool:
 
 
 def _correction_settings(candidates: str | None, strategy: str | None, method: str | None, selection_fraction: float,
-                         min_horizon_correlation: float, **gates):
+                         min_horizon_correlation: float, progress: bool = False, **gates):
     """CorrectionSettings from command-line values (`candidates` comma-separated; `gates` the
     GateSettings fields); raises ValidationError naming every bad value."""
     from flows.settings import CorrectionSettings
 
     named = {"candidates": tuple(c.strip() for c in candidates.split(","))} if candidates else {}
     return CorrectionSettings(gates=gates, strategy=strategy, method=method, selection_fraction=selection_fraction,
-                              min_horizon_correlation=min_horizon_correlation, **named)
+                              min_horizon_correlation=min_horizon_correlation, progress=progress, **named)
 
 
 @app.command()
@@ -193,7 +193,7 @@ def correct_command(
 
         store = StoreSettings(workdir=workdir, tracking_uri=tracking_uri, allow_pickle=allow_pickle)
         settings = _correction_settings(
-            candidates, strategy, method, selection_fraction, min_horizon_correlation,
+            candidates, strategy, method, selection_fraction, min_horizon_correlation, _progress(),
             min_fix_rate=min_fix_rate, max_accuracy_drop_points=max_accuracy_drop_points,
             max_class_recall_drop_points=max_class_recall_drop_points, max_canary_flip_rate=max_canary_flip_rate,
             onnx_rtol=onnx_rtol, onnx_atol=onnx_atol, harm_resolution_examples=harm_resolution_examples,

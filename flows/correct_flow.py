@@ -101,10 +101,10 @@ def load_audit(audit_run_id: str, allow_pickle: bool) -> AuditInputs:
 
 @task(cache_policy=NO_CACHE)
 def search(inputs: AuditInputs, selection: ExampleTable, thresholds: GateThresholds,
-           candidates: tuple[RepairCandidate, ...], max_steps: int) -> SearchResult:
+           candidates: tuple[RepairCandidate, ...], max_steps: int, progress: bool) -> SearchResult:
     """Every candidate repair of the whole flagged batch, gated on the selection split."""
     return search_repairs(inputs.loaded.model, inputs.train, inputs.flagged, selection,
-                          inputs.loaded.spec.num_classes, thresholds, candidates, max_steps)
+                          inputs.loaded.spec.num_classes, thresholds, candidates, max_steps, progress)
 
 
 @task(cache_policy=NO_CACHE)
@@ -166,7 +166,7 @@ def correct(store: StoreSettings, settings: CorrectionSettings, audit_run_id: st
     # re-score before the influence estimate goes stale (Schioppa et al. 2023)
     budget = trusted_steps(horizon, settings.min_horizon_correlation)
     selection, gate_split = selection_split(inputs.validation, settings.selection_fraction)
-    searched = search(inputs, selection, thresholds, candidates, budget)
+    searched = search(inputs, selection, thresholds, candidates, budget, settings.progress)
     chosen = searched.chosen
     loaded = inputs.loaded
     tags = RunTags(loaded.name, loaded.version, "correction", inputs.flagged_digest, audit_run_id)

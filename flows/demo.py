@@ -115,7 +115,7 @@ def run_demo(workdir: Path, noise_rate: float = 0.1, seed: int = 0, epochs: int 
     # model it trains itself, so it opts in to unpickling.
     store = StoreSettings(workdir=workdir, allow_pickle=True)
     audit_settings = AuditSettings(model_name=MODEL_NAME, alias=CHAMPION, method=method, progress=progress)
-    correction_settings = CorrectionSettings(gates=GateSettings(min_fix_rate=min_fix_rate))
+    correction_settings = CorrectionSettings(gates=GateSettings(min_fix_rate=min_fix_rate), progress=progress)
     use_store(workdir)
     splits = load_digits_splits(noise_rate=noise_rate, seed=seed, fractions=SPLIT_FRACTIONS)
     run_id, version = train_and_register(splits, TrainConfig(epochs=epochs, seed=seed), noise_rate)

@@ -135,6 +135,7 @@ class CorrectionSettings(BaseModel):
     method: str | None = Field(
         None, description=f"influence method every candidate re-scores with ({', '.join(CORRECTION_METHODS)}); "
                           "None keeps each one's own")
+    progress: bool = Field(False, description="draw a progress bar over the repair candidates on stderr")
 
     @field_validator("candidates")
     @classmethod

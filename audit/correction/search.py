@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from audit.correction.batch import repair_batch
 from audit.correction.config import CorrectionConfig, RepairResult
@@ -124,6 +125,7 @@ def selection_split(validation: ExampleTable, fraction: float) -> tuple[ExampleT
 def search_repairs(
     model: nn.Module, train: ExampleTable, flagged: ExampleTable, selection: ExampleTable, num_classes: int,
     thresholds: GateThresholds, candidates: tuple[RepairCandidate, ...], max_steps: int | None = None,
+    progress: bool = False,
 ) -> SearchResult:
     """Repair a copy of `model` with each candidate in order and gate each on `selection`.
 
@@ -132,11 +134,12 @@ def search_repairs(
     round (the influence horizon). Each candidate stops once the fix-rate gate's threshold is
     reached. The chosen candidate passes every selection gate with the highest fix rate,
     earliest in order on ties; none when no candidate passes. `model` is never modified.
+    `progress`: a progress bar over the candidates on stderr.
     """
     if not candidates:
         raise InvalidInput("The repair search needs at least one candidate.")
     outcomes = []
-    for candidate in candidates:
+    for candidate in tqdm(candidates, desc="repair candidates", unit="candidate", disable=not progress):
         config = candidate.config
         steps = config.steps if max_steps is None else max(1, min(config.steps, max_steps))
         config = dataclasses.replace(config, steps=steps, target_fix_rate=thresholds.min_fix_rate or None)

@@ -134,9 +134,9 @@ def test_a_batch_over_max_flagged_is_refused_in_one_sentence_and_quarantined(pre
     result = CliRunner().invoke(app, ["audit", "--workdir", str(workdir), "--model", "m", "--allow-pickle",
                                       "--max-flagged", "3"])
     assert result.exit_code == 2
-    (error,) = _error_lines(result.output)
-    assert error.startswith("error: The flagged batch failed these checks: "
-                            "at most 3 rows (`max_flagged`; this batch has 4). The batch was moved to ")
+    (error,) = _error_lines(result.output)  # counted before the batch is loaded
+    assert error.startswith("error: The flagged batch has 4 rows, more than the 3 an audit takes (`max_flagged`); "
+                            "split it into smaller batches. The batch was moved to ")
     assert len(_runs(workdir)) == runs_before
     (quarantined,) = (workdir / "quarantine").iterdir()
     assert (quarantined / "batch.parquet").exists() and not any((workdir / "inbox").iterdir())

@@ -107,3 +107,11 @@ def test_the_report_tables_and_reasons_follow_the_search(setup):
     assert len(correction_tables(none)["history"]) == 0 and len(correction_tables(none)["relabels"]) == 0
     (reason,) = failure_reasons(none, None)
     assert reason.startswith("no repair candidate passed the gates on the selection split (no-op: fix rate 0.00")
+
+
+def test_the_search_draws_a_progress_bar_over_the_candidates_only_when_asked(setup, capfd):
+    model, splits, flagged, selection = setup
+    search_repairs(model, splits.train, flagged, selection, 10, GateThresholds(), (NO_OP,))
+    assert "repair candidates" not in capfd.readouterr().err
+    search_repairs(model, splits.train, flagged, selection, 10, GateThresholds(), (NO_OP,), progress=True)
+    assert "repair candidates" in capfd.readouterr().err

@@ -5,7 +5,7 @@ import os
 import threading
 import time
 
-from audit.inbox import claim_batch, move_files, requeue, stale_claims
+from audit.inbox import Recovery, claim_batch, claim_digest, move_files, recovery_for, requeue, stale_claims
 
 
 def _inbox(tmp_path, n):
@@ -57,3 +57,29 @@ def test_stale_claims_are_found_and_requeued(tmp_path):
     assert [p.name for p in requeue(stale, inbox)] == ["batch-00.parquet", "batch-01.parquet"]
     assert sorted(p.name for p in inbox.iterdir()) == ["batch-00.parquet", "batch-01.parquet"]
     assert not stale.exists() and stale_claims(tmp_path / "missing", 1) == []
+
+
+def test_a_claimed_single_file_inbox_goes_back_to_its_own_place(tmp_path):
+    inbox = tmp_path / "drop" / "batch.csv"
+    inbox.parent.mkdir()
+    inbox.write_text("x")
+    (claimed,) = claim_batch(inbox, tmp_path / "claims", "run-1")
+    assert not inbox.exists()
+    assert requeue(claimed.parent, inbox) == [inbox] and inbox.read_text() == "x"
+
+
+def test_recovery_archives_under_a_finished_audit_else_fails_the_running_ones_and_requeues():
+    assert recovery_for({"a": "FAILED", "b": "FINISHED", "c": "RUNNING"}) == Recovery("b", ())
+    assert recovery_for({"a": "RUNNING", "c": "FAILED"}) == Recovery(None, ("a",))
+    assert recovery_for({}) == Recovery(None, ())
+
+
+def test_a_claim_that_cannot_be_an_audited_batch_has_no_digest(tmp_path):
+    """Unreadable bytes or missing columns: no audit logged it, so it is requeued (and the next run
+    quarantines it) instead of failing every later recovery."""
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    (claim / "a.csv").write_bytes(bytes(range(128, 256)))
+    assert claim_digest(claim) is None
+    (claim / "a.csv").write_text("example_id,other\nq,1\n")
+    assert claim_digest(claim) is None
