@@ -1,18 +1,22 @@
-"""Logging and loading PyTorch classifiers in MLflow.
+"""Logging and loading classifiers in MLflow, one model kind at a time (registry_hooks/model_kinds/).
 
-Models are logged with `serialization_format="pickle"`: MLflow's default pt2 export fixes the
-batch size and cannot be fine-tuned. Loading a pickled model runs code from the artifact store:
-only load models from a registry you trust (see docs/security.md). What can be checked is: the
-SHA-256 of the files a load reads (`MLmodel` and `data/`) is recorded in the tracking store (run
-param `model_digest`) when the model is logged, and a load downloads the files, checks them
-against it and only then unpickles that verified copy, so a file swapped in the artifact store
-is refused, not run. Unpickling needs an explicit opt-in (`load_version(..., allow_pickle=True)`,
-which the CLI sets from `--allow-pickle` or MODEL_AUDIT_ALLOW_PICKLE=1); without it nothing is
-downloaded.
+The kind travels in `ModelSpec.kind` and is recorded as run param `model_kind` (plus the kind's
+own params): `pytorch`, the default and the kind of every version logged before kinds were
+recorded, pickles the module through `mlflow.pytorch` (MLflow's default pt2 export fixes the
+batch size and cannot be fine-tuned); `torchvision` stores a builder name, its keyword arguments
+and a safetensors state dict. Loading a pickled model runs code from the artifact store: only load
+models from a registry you trust (see docs/security.md). What can be checked, for every kind, is
+this: the SHA-256 of the files a load reads (the kind's `files`, `MLmodel` and `data/` for both
+built-in kinds) is recorded in the tracking store (run param `model_digest`) when the model is
+logged, and a load downloads the files, checks them against it and only then reads that verified
+copy, so a file swapped in the artifact store is refused, not run. Unpickling needs an explicit
+opt-in (`load_version(..., allow_pickle=True)`, which the CLI sets from `--allow-pickle` or
+MODEL_AUDIT_ALLOW_PICKLE=1); without it nothing is downloaded. Kinds that do not unpickle need none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import tempfile
@@ -20,18 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from audit.errors import AuditError, IntegrityError, InvalidInput, LineageError
+from registry_hooks.model_kinds import KIND_PARAM, ModelKind, PyTorchModule, kind_from_params
 
-MODEL_ARTIFACT = "model"
 DIGEST_PARAM = "model_digest"
 # How a user opts in to unpickling (named by the refusal; flows/cli.py reads both).
 ALLOW_PICKLE_FLAG = "--allow-pickle"
 ALLOW_PICKLE_ENV = "MODEL_AUDIT_ALLOW_PICKLE"
+PICKLED = PyTorchModule()  # the default kind: a plain nn.Module, pickled
 
 
 class PickleNotAllowed(AuditError):
@@ -41,33 +44,42 @@ class PickleNotAllowed(AuditError):
 @dataclass(frozen=True)
 class ModelSpec:
     """What the audit needs to know about a classifier besides its weights: the input shape of
-    one example, the number of classes, and the (min, max) of the training inputs, None for a
-    model logged before it was recorded (its flagged inputs are then checked for finiteness only)."""
+    one example, the number of classes, the (min, max) of the training inputs (None for a model
+    logged before it was recorded: its flagged inputs are then checked for finiteness only) and
+    its kind, how it is stored in MLflow: a pickled module unless told otherwise, e.g.
+    `kind=TorchvisionModel("resnet18", {"num_classes": 10})` (registry_hooks.model_kinds).
+    Logging a repaired model with the spec its source was loaded with keeps the source's kind."""
 
     input_shape: tuple[int, ...]
     num_classes: int
     input_range: tuple[float, float] | None = None
+    kind: ModelKind = PICKLED
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kind, ModelKind):
+            raise InvalidInput(f"ModelSpec.kind must be a model kind (registry_hooks.model_kinds); got {self.kind!r}.")
         low, high = self.input_range or (0.0, 0.0)
         if not (math.isfinite(low) and math.isfinite(high) and low <= high):
             raise InvalidInput(f"input_range must be finite (min, max) with min <= max, got {self.input_range!r}.")
 
     @classmethod
-    def for_training(cls, inputs: torch.Tensor, num_classes: int) -> ModelSpec:
-        """The spec of a model trained on `inputs` [N, *input_shape]: its shape and value range."""
-        return cls(tuple(inputs.shape[1:]), num_classes, (float(inputs.min()), float(inputs.max())))
+    def for_training(cls, inputs: torch.Tensor, num_classes: int, kind: ModelKind = PICKLED) -> ModelSpec:
+        """The spec of a model of `kind` trained on `inputs` [N, *input_shape]: its shape and value range."""
+        return cls(tuple(inputs.shape[1:]), num_classes, (float(inputs.min()), float(inputs.max())), kind)
 
     def params(self) -> dict[str, str]:
-        """Run params: `input_shape` ("1x8x8"), `num_classes` and, when known, `input_min` / `input_max`
-        (repr of the float, so they read back exactly)."""
+        """Run params: `input_shape` ("1x8x8"), `num_classes`, when known `input_min` / `input_max`
+        (repr of the float, so they read back exactly), `model_kind` and the kind's own params."""
         params = {"input_shape": "x".join(map(str, self.input_shape)), "num_classes": str(self.num_classes)}
         if self.input_range is not None:
             params |= {"input_min": repr(self.input_range[0]), "input_max": repr(self.input_range[1])}
-        return params
+        return params | {KIND_PARAM: self.kind.name} | self.kind.params()
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> ModelSpec:
+        """The spec a run's `params()` recorded; LineageError when they are missing or unusable, or
+        name a model kind this installation does not have."""
+        kind = kind_from_params(params)
         try:
             shape = tuple(int(v) for v in params["input_shape"].split("x"))
             num_classes = int(params["num_classes"])
@@ -78,9 +90,9 @@ class ModelSpec:
             ) from exc
         bounds = (params.get("input_min"), params.get("input_max"))
         if bounds == (None, None):  # logged before the range was recorded
-            return cls(shape, num_classes)
+            return cls(shape, num_classes, kind=kind)
         try:
-            return cls(shape, num_classes, (float(bounds[0]), float(bounds[1])))
+            return cls(shape, num_classes, (float(bounds[0]), float(bounds[1])), kind)
         except (TypeError, ValueError, InvalidInput) as exc:
             raise LineageError(f"The model's run records an unusable input range (input_min={bounds[0]!r}, "
                                f"input_max={bounds[1]!r}); both must be finite numbers, min <= max.") from exc
@@ -88,7 +100,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A registered model version loaded for auditing."""
+    """A registered model version loaded for auditing. `spec.kind` is the kind as loaded: logging a
+    repaired copy with `log_classifier(repaired, loaded.spec)` registers it the same way."""
 
     model: torch.nn.Module
     name: str
@@ -98,31 +111,30 @@ class LoadedModel:
 
 
 def log_classifier(model: torch.nn.Module, spec: ModelSpec) -> str:
-    """Log `model` (pickled) into the active run with spec params (input shape, classes and, when
-    `spec` has it, the training input range: use `ModelSpec.for_training`), a signature and the
-    digest of its files; returns its URI."""
+    """Log `model` into the active run as `spec.kind` stores it (pickled, for the default kind) with
+    spec params (input shape, classes, the training input range when `spec` has it: use
+    `ModelSpec.for_training`; the kind), a signature and the digest of the files a load reads;
+    returns its URI. InvalidInput, before anything is logged, when the kind cannot store `model`."""
+    spec.kind.check(model, spec)
     mlflow.log_params(spec.params())
-    example = np.zeros((2, *spec.input_shape), dtype=np.float32)
-    with torch.no_grad():
-        logits = model.eval()(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name=MODEL_ARTIFACT,
-        serialization_format="pickle",
-        signature=infer_signature(example, logits),
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "model-audit"],
-    )
+    uri = spec.kind.log(model, spec)
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_param(DIGEST_PARAM, artifact_digest(_download(info.model_uri, Path(tmp))))
-    return info.model_uri
+        mlflow.log_param(DIGEST_PARAM, artifact_digest(_download(uri, Path(tmp)), spec.kind.files))
+    return uri
 
 
-def artifact_digest(folder: Path) -> str:
-    """SHA-256 over the relative path and bytes of `MLmodel` and every file under `data/` (what
-    loading reads; files MLflow writes on download, e.g. registered_model_meta, are left out)."""
-    files = [folder / "MLmodel", *sorted(p for p in (folder / "data").rglob("*") if p.is_file())]
+def artifact_digest(folder: Path, files: tuple[str, ...] = ("MLmodel", "data/")) -> str:
+    """SHA-256 over the relative path and bytes of what loading reads: each of `files` (relative to
+    `folder`; a name ending in "/" stands for every file under that folder, in sorted order). Files
+    MLflow writes on download, e.g. registered_model_meta, are left out by naming only these."""
+    paths = []
+    for name in files:
+        if name.endswith("/"):
+            paths += sorted(p for p in (folder / name).rglob("*") if p.is_file())
+        else:
+            paths.append(folder / name)
     h = hashlib.sha256()
-    for path in files:
+    for path in paths:
         h.update(str(path.relative_to(folder)).encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest() if path.exists() else b"missing")
     return h.hexdigest()
@@ -134,7 +146,7 @@ def _download(model_uri: str, folder: Path) -> Path:
 
 @dataclass(frozen=True)
 class VersionRef:
-    """A registered version resolved from an alias or number, with its training run's spec."""
+    """A registered version resolved from an alias or number, with its training run's spec (its kind included)."""
 
     name: str
     version: str
@@ -144,7 +156,8 @@ class VersionRef:
 
 
 def resolve_version(name: str, alias: str | None = None, version: str | None = None) -> VersionRef:
-    """Resolve `<name>@<alias>` (or a numbered version) without loading weights."""
+    """Resolve `<name>@<alias>` (or a numbered version) without loading weights. LineageError when
+    it does not exist, or its run's params do not give a spec (e.g. a model kind not installed here)."""
     client = MlflowClient()
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
@@ -156,8 +169,8 @@ def resolve_version(name: str, alias: str | None = None, version: str | None = N
 
 
 def require_pickle_opt_in(ref: VersionRef, allow_pickle: bool) -> None:
-    """PickleNotAllowed unless `allow_pickle`: every version model-audit loads is a pickle."""
-    if not allow_pickle:
+    """PickleNotAllowed unless `allow_pickle` or the version's kind loads without unpickling."""
+    if ref.spec.kind.needs_pickle and not allow_pickle:
         raise PickleNotAllowed(
             f"Version {ref.version} of {ref.name} is a pickled model, and unpickling runs code from the MLflow "
             f"artifact store, so loading it needs an explicit opt-in: pass {ALLOW_PICKLE_FLAG} or set "
@@ -165,23 +178,25 @@ def require_pickle_opt_in(ref: VersionRef, allow_pickle: bool) -> None:
 
 
 def load_version(ref: VersionRef, *, allow_pickle: bool) -> LoadedModel:
-    """Load a resolved version's weights (pickled PyTorch module) in eval mode on the CPU.
+    """Load a resolved version's weights, as its kind stores them, in eval mode on the CPU.
 
-    PickleNotAllowed, before anything is downloaded, unless `allow_pickle` (the caller trusts the
-    registry); IntegrityError, before anything is unpickled, when the files differ from the digest
-    recorded when the version was logged, or no digest was recorded."""
+    PickleNotAllowed, before anything is downloaded, when the kind unpickles and not `allow_pickle`
+    (the caller trusts the registry); IntegrityError, before anything is read, when the files differ
+    from the digest recorded when the version was logged, or no digest was recorded; IntegrityError
+    when the verified files do not rebuild the model."""
     require_pickle_opt_in(ref, allow_pickle)
     if ref.model_digest is None:
         raise IntegrityError(f"Version {ref.version} of {ref.name} has no recorded `{DIGEST_PARAM}`, so its files "
-                             "cannot be checked before unpickling; log it with registry_hooks.model_io.log_classifier.")
+                             "cannot be checked before loading; log it with registry_hooks.model_io.log_classifier.")
+    kind = ref.spec.kind
     with tempfile.TemporaryDirectory() as tmp:
         local = _download(f"models:/{ref.name}/{ref.version}", Path(tmp))
-        if artifact_digest(local) != ref.model_digest:
+        if artifact_digest(local, kind.files) != ref.model_digest:
             raise IntegrityError(f"The files of version {ref.version} of {ref.name} differ from those logged with it "
                                  "(digest mismatch): refusing to load a model that was changed in the artifact store.")
         try:
-            model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+            model, loaded_kind = kind.load(local, ref.spec)
         except mlflow.exceptions.MlflowException as exc:  # e.g. MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
             raise IntegrityError(f"MLflow refused to load version {ref.version} of {ref.name}: "
                                  f"{str(exc).splitlines()[0]}") from None
-    return LoadedModel(model.eval(), ref.name, ref.version, ref.run_id, ref.spec)
+    return LoadedModel(model.eval(), ref.name, ref.version, ref.run_id, dataclasses.replace(ref.spec, kind=loaded_kind))
