@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from audit.errors import InvalidFlaggedBatch
-from audit.flagged import batch_digest, batch_files, read_batch_file
+from audit.flagged import BATCH_SUFFIXES, batch_digest, batch_files, read_batch_file
 
 
 def claim_batch(inbox: Path, claims: Path, claim_id: str) -> list[Path]:
@@ -75,7 +75,7 @@ def claimed_files(claim: Path) -> list[Path]:
 def requeue(claim: Path, inbox: Path) -> list[Path]:
     """Hand a claim's files back to `inbox` for the next run: into the folder, or, for an inbox
     that is one batch file, back to that file's place. Returns their new paths."""
-    folder = inbox.parent if inbox.suffix.lower() in (".parquet", ".csv") and not inbox.is_dir() else inbox
+    folder = inbox.parent if inbox.suffix in BATCH_SUFFIXES and not inbox.is_dir() else inbox
     files = claimed_files(claim)
     move_files(files, folder)
     return [folder / f.name for f in files]

@@ -33,7 +33,6 @@ from audit.correction.report import (
     CorrectionFindings,
     correction_metrics,
     correction_params,
-    correction_tables,
     correction_verdict,
     failure_reasons,
     render_correction_report,
@@ -182,7 +181,7 @@ def correct(store: StoreSettings, settings: CorrectionSettings, audit_run_id: st
             metrics, verdict = log_correction(findings, settings, onnx_path, store)
         version = register(inputs, chosen.repair) if findings.passed else None
     publish_outcome("correction", f"Correction of {loaded.name} version {loaded.version}", verdict,
-                    audit_log.run_links(run_id, "correction/report.html"), correction_tables(searched)["candidates"])
+                    audit_log.run_links(run_id, "correction/report.html"), findings.tables["candidates"])
     for reason in failure_reasons(searched, gates) if version is None else []:
         logger.warning("not registered: %s", reason)
     if version is not None:

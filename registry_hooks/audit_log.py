@@ -13,7 +13,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from audit.audit_report import suspects_table
-from audit.correction.report import CorrectionFindings, correction_tables
+from audit.correction.report import CorrectionFindings
 from audit.errors import AuditError
 from audit.examples import ExampleTable
 from audit.findings import AuditFindings
@@ -85,7 +85,7 @@ def log_correction(findings: CorrectionFindings, metrics: dict[str, float], para
     tables of audit.correction.report.correction_tables as Parquet, the candidates also as an
     MLflow table (`correction/candidates.json`), `files` (report.html, the horizon plot), the
     ONNX export under `onnx/`, and tag `audit.gates=passed|failed`."""
-    tables = correction_tables(findings.search)
+    tables = findings.tables
     for row in findings.horizon.itertuples(index=False):
         mlflow.log_metrics({"horizon_pearson": float(row.pearson), "horizon_spearman": float(row.spearman)},
                            step=int(row.steps))

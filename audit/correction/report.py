@@ -11,6 +11,7 @@ logs it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -57,6 +58,11 @@ class CorrectionFindings:
     def passed(self) -> bool:
         """Whether the chosen candidate passed every gate (and so is registered)."""
         return self.gates is not None and self.gates.passed
+
+    @cached_property
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """`correction_tables(self.search)`, built once for the report, the log and the Prefect table."""
+        return correction_tables(self.search)
 
     @property
     def relabels(self) -> dict[str, int]:
@@ -182,9 +188,9 @@ def _evidence_text(findings: CorrectionFindings) -> str:
             "lists the label edits that moved a training example into or out of its class.")
 
 
-def _candidate_rows(search: SearchResult) -> pd.DataFrame:
+def _candidate_rows(candidates: pd.DataFrame) -> pd.DataFrame:
     """The candidates' outcomes for the page (their configuration is in the logged table)."""
-    table = search.table()
+    table = candidates.copy()
     table["candidate"] = [f"{n} (chosen)" if chosen else n for n, chosen in zip(table["candidate"], table["chosen"],
                                                                              strict=True)]
     keep = [c for c in table.columns if not c.endswith("_passed")
@@ -198,7 +204,7 @@ def render_correction_report(folder: Path, findings: CorrectionFindings, verdict
     horizon, rounds (gates and gate-evidence only when a candidate passed selection)."""
     gates, chosen = findings.gates, findings.search.chosen
     selected, gated = findings.split_sizes
-    tables = correction_tables(findings.search)
+    tables = findings.tables
     sections = []
     if gates is not None:
         gate_table = pd.DataFrame([{"gate": g.name, "before": g.before, "after": g.after, "threshold": g.threshold,
@@ -217,7 +223,7 @@ def render_correction_report(folder: Path, findings: CorrectionFindings, verdict
         Section("candidates", "Repair candidates",
                 f"Each candidate repaired a copy of the model and was gated on a selection split of {selected} "
                 "validation examples. The chosen one passes every selection gate with the highest fix rate "
-                "(earliest on ties).", _candidate_rows(findings.search), "candidates"),
+                "(earliest on ties).", _candidate_rows(tables["candidates"]), "candidates"),
         Section("edits", "Label edits of the chosen candidate",
                 "Each edit with what the audit proposed for that example"
                 + (f"; {differ} of {len(edits)} differ from the audit's proposals (the correction re-scores "

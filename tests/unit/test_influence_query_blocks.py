@@ -8,22 +8,13 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from audit.errors import InvalidInput
 from audit.influence import InfluenceConfig, compute_influence
+from tests.unit.influence_helpers import tiny_data, tiny_mlp
 
 N_TRAIN, N_QUERIES = 10, 7
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def _data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
 
 
 class Logged(Dataset):
@@ -55,12 +46,12 @@ def _reads(log: list[tuple[str, int]]) -> tuple[int, int]:
 
 
 def _scores(method: str, block: int, log: list | None = None, **options) -> torch.Tensor:
-    train, queries = _data(N_TRAIN, seed=1), _data(N_QUERIES, seed=2)
+    train, queries = tiny_data(N_TRAIN, seed=1), tiny_data(N_QUERIES, seed=2)
     if log is not None:
         train, queries = Logged(train, "train", log), Logged(queries, "query", log)
-    checkpoints = [(_mlp(3).state_dict(), 0.5), (_mlp(4).state_dict(), 0.25)] if method == "tracin" else None
+    checkpoints = [(tiny_mlp(3).state_dict(), 0.5), (tiny_mlp(4).state_dict(), 0.25)] if method == "tracin" else None
     config = InfluenceConfig(method=method, query_block=block, batch_size=4, **options)
-    return compute_influence(_mlp(), train, queries, config, progress=False, checkpoints=checkpoints).scores
+    return compute_influence(tiny_mlp(), train, queries, config, progress=False, checkpoints=checkpoints).scores
 
 
 @pytest.mark.parametrize(("method", "options"), [("graddot", {}), ("gradcos", {}), ("ekfac", {}),
@@ -74,7 +65,7 @@ def test_every_block_size_gives_the_unblocked_scores(method, options):
 
 
 def test_blocked_graddot_equals_its_formula():
-    model, train, queries = _mlp(), _data(N_TRAIN, seed=1), _data(N_QUERIES, seed=2)
+    model, train, queries = tiny_mlp(), tiny_data(N_TRAIN, seed=1), tiny_data(N_QUERIES, seed=2)
 
     def grads(data):
         x, y = data.tensors
@@ -108,7 +99,7 @@ def test_query_block_is_validated_and_shares_the_curvature_cache(tmp_path):
     for bad in (0, 2.5):
         with pytest.raises(InvalidInput, match="query_block must be an integer >= 1"):
             InfluenceConfig(query_block=bad)
-    model, train, queries = _mlp(), _data(N_TRAIN, seed=1), _data(N_QUERIES, seed=2)
+    model, train, queries = tiny_mlp(), tiny_data(N_TRAIN, seed=1), tiny_data(N_QUERIES, seed=2)
     small = compute_influence(model, train, queries, InfluenceConfig(query_block=2), cache_dir=tmp_path, progress=False)
     large = compute_influence(model, train, queries, InfluenceConfig(), cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("curvature-ekfac-*.pt"))) == 1  # one fitted curvature serves every block size

@@ -23,6 +23,7 @@ from audit.influence import (
     self_influence,
 )
 from audit.influence.registry import damped
+from tests.unit.influence_helpers import tiny_data, tiny_mlp
 
 DAMPING = 0.05
 
@@ -76,16 +77,6 @@ def diag_fisher():
     assert method.name not in registry.names()
 
 
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def _data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
-
-
 def _grads(model: nn.Module, data: TensorDataset) -> torch.Tensor:
     """Per-example loss gradients [n, P] by a plain autograd loop: the reference."""
     x, y = data.tensors
@@ -111,7 +102,7 @@ def _close(actual, expected):
 
 
 def test_a_method_registered_outside_audit_runs_through_the_public_api(diag_fisher):
-    model, train, queries = _mlp(), _data(12, seed=1), _data(5, seed=2)
+    model, train, queries = tiny_mlp(), tiny_data(12, seed=1), tiny_data(5, seed=2)
     for damping in (DAMPING, None):
         scores, own, used = _reference(model, train, queries, damping)
         result = compute_influence(model, train, queries, InfluenceConfig(method="diag_fisher", damping=damping),
@@ -123,7 +114,7 @@ def test_a_method_registered_outside_audit_runs_through_the_public_api(diag_fish
 
 
 def test_a_registered_method_is_cached_and_restored_by_its_restore(diag_fisher, tmp_path):
-    model, train, queries = _mlp(), _data(12, seed=1), _data(5, seed=2)
+    model, train, queries = tiny_mlp(), tiny_data(12, seed=1), tiny_data(5, seed=2)
     first = influence_scores(model, train, queries, method="diag_fisher", cache_dir=tmp_path, progress=False)
     again = influence_scores(model, train, queries, method="diag_fisher", cache_dir=tmp_path, progress=False)
     assert FITS == [12]  # the second call restored the curvature instead of fitting it
@@ -133,8 +124,8 @@ def test_a_registered_method_is_cached_and_restored_by_its_restore(diag_fisher, 
 
 
 def test_a_registered_method_can_be_summed_over_checkpoints():
-    model, train, queries = _mlp(), _data(12, seed=1), _data(5, seed=2)
-    states = [_mlp(seed).state_dict() for seed in (3, 4)]
+    model, train, queries = tiny_mlp(), tiny_data(12, seed=1), tiny_data(5, seed=2)
+    states = [tiny_mlp(seed).state_dict() for seed in (3, 4)]
     method = replace(DIAG_FISHER, name="diag_fisher_ckpt", needs_checkpoints=True)
     with register_method(method):
         scores = influence_scores(model, train, queries, method=method.name, damping=DAMPING,
@@ -143,14 +134,14 @@ def test_a_registered_method_can_be_summed_over_checkpoints():
                              checkpoints=[(states[0], 0.5), (states[1], 0.25)], progress=False)
         with pytest.raises(InvalidInput, match="method='diag_fisher_ckpt' needs checkpoints"):
             self_influence(model, train, method=method.name, progress=False)
-    at = [_reference(_mlp(seed), train, queries, DAMPING) for seed in (3, 4)]
+    at = [_reference(tiny_mlp(seed), train, queries, DAMPING) for seed in (3, 4)]
     _close(scores, 0.5 * at[0][0] + 0.25 * at[1][0])
     _close(own, 0.5 * at[0][1] + 0.25 * at[1][1])
     assert (at[0][0] - at[1][0]).abs().max() > 1e-3  # the checkpoints really differ
 
 
 def test_a_registered_method_flags_normalisation_and_self_influence():
-    model, train, queries = _mlp(), _data(12, seed=1), _data(5, seed=2)
+    model, train, queries = tiny_mlp(), tiny_data(12, seed=1), tiny_data(5, seed=2)
     method = replace(DIAG_FISHER, name="diag_fisher_cos", unit_train_gradients=True, self_influence=False)
     with register_method(method):
         scores = influence_scores(model, train, queries, method=method.name, damping=DAMPING, progress=False)
@@ -178,7 +169,7 @@ def test_unregistering_leaves_the_built_ins_as_they_were():
 
 
 def test_an_unknown_method_is_refused_naming_every_registered_one(diag_fisher):
-    model, data = _mlp(), _data(6, seed=1)
+    model, data = tiny_mlp(), tiny_data(6, seed=1)
     for attempt in (lambda: InfluenceConfig(method="magic"),
                     lambda: influence_scores(model, data, data, method="magic", progress=False)):
         with pytest.raises(InvalidInput) as refused:
