@@ -33,8 +33,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/model-audit demo --workdir $(WORKDIR)
 
+# Two pytest-xdist workers: much of the suite waits on real servers starting (MLflow, Prefect,
+# uvicorn), which overlaps well on 2 cores; the demo-reading tests share one worker (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -3,7 +3,7 @@ registry_hooks logs it): the verdict with the next command, one row per flagged 
 the training examples behind it, one row per suspect training example, and report.html.
 
     verdict = audit_verdict(findings, run_id, StoreArgs(workdir))
-    render_audit_report(folder, findings, verdict)  # report.html and influence_grid.png
+    render_audit_report(folder, findings, verdict)  # report.html (and influence_grid.png for pictures)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from audit.examples import ExampleTable
 from audit.findings import AuditFindings
 from audit.influence import top_influences
-from audit.report_page import Section, image_grid, render_page, thumbnail
+from audit.report_page import Section, example_cell, image_grid, render_page, shows_pictures
 from audit.verdict import StoreArgs, Verdict, cli_command
 
 SUSPECTS_TEXT = (
@@ -59,15 +59,15 @@ def audit_verdict(findings: AuditFindings, run_id: str, store: StoreArgs) -> Ver
 
 
 def _pictures(findings: AuditFindings, positions: list[int]) -> tuple:
-    """Pictures of training examples at `positions`, captioned "id: label"."""
+    """Training examples at `positions` as cells, captioned "id: label"."""
     train = findings.train
-    return tuple(thumbnail(train.inputs[i], f"{train.ids[i]}: {int(train.labels[i])}") for i in positions)
+    return tuple(example_cell(train, i, f"{train.ids[i]}: {int(train.labels[i])}") for i in positions)
 
 
 def _suspect_rows(candidates: pd.DataFrame, train: ExampleTable, used: dict[str, str] | None) -> pd.DataFrame:
     table = suspects_table(candidates)
     rows = pd.DataFrame({
-        "picture": [thumbnail(train.inputs[i]) for i in train.positions(table["train_id"])],
+        "picture": [example_cell(train, i) for i in train.positions(table["train_id"])],
         "train id": table["train_id"], "action": table["action"], "label": table["current_label"],
         "proposed": table["proposed_label"], "harms flagged": table["harms"],
         "score": table["strongest_score"], "why": table["reason"]})
@@ -95,7 +95,7 @@ def flagged_rows(findings: AuditFindings, per_side: int = 3) -> pd.DataFrame:
     for q, query_id in enumerate(findings.flagged.ids):
         harmful, helpful = top.opponents[q].tolist(), top.proponents[q].tolist()
         rows.append({
-            "picture": thumbnail(findings.flagged.inputs[q], query_id), "flagged id": query_id,
+            "picture": example_cell(findings.flagged, q, query_id), "flagged id": query_id,
             "reviewer's label": int(findings.flagged.labels[q]), "model predicted": int(findings.predicted[q]),
             "most harmful": _pictures(findings, harmful), "most helpful": _pictures(findings, helpful),
             "suspects": [findings.train.ids[i] for i in harmful if findings.train.ids[i] in suspects]})
@@ -105,7 +105,7 @@ def flagged_rows(findings: AuditFindings, per_side: int = 3) -> pd.DataFrame:
 def proponent_grid(findings: AuditFindings, per_side: int = 4, max_rows: int = 20):
     """Matplotlib figure: per flagged example (at most `max_rows`), itself captioned with the
     reviewer's label and the model's prediction, then its `per_side` most harmful (-) and most
-    helpful (+) training images."""
+    helpful (+) training images. For picture inputs only (report_page.shows_pictures)."""
     shown = min(len(findings.flagged), max_rows)
     top = top_influences(findings.scores[:shown], per_side)
     flagged, train = findings.flagged, findings.train
@@ -120,17 +120,20 @@ def proponent_grid(findings: AuditFindings, per_side: int = 4, max_rows: int = 2
     return image_grid(torch.stack(images), captions, columns=1 + 2 * per_side)
 
 
-def render_audit_report(folder: Path, findings: AuditFindings, verdict: Verdict) -> tuple[Path, Path]:
-    """Write `influence_grid.png` and `report.html` into `folder`; returns (report, grid) paths.
-    Sections (HTML ids): flagged, suspects, self-influence, influences."""
-    import matplotlib.pyplot as plt
+def render_audit_report(folder: Path, findings: AuditFindings, verdict: Verdict) -> tuple[Path, ...]:
+    """Write `report.html` and, when the examples are pictures, `influence_grid.png` into `folder`;
+    returns their paths (report first). Sections (HTML ids): flagged, suspects, self-influence,
+    influences."""
+    files = ()
+    if shows_pictures(findings.flagged) and shows_pictures(findings.train):
+        import matplotlib.pyplot as plt
 
-    grid = proponent_grid(findings)
-    grid_path = folder / "influence_grid.png"
-    grid.savefig(grid_path, dpi=90, bbox_inches="tight")
-    plt.close(grid)
+        grid = proponent_grid(findings)
+        files = (folder / "influence_grid.png",)
+        grid.savefig(files[0], dpi=90, bbox_inches="tight")
+        plt.close(grid)
     unusual = findings.self_influence.head(25)
-    unusual = unusual.assign(picture=[thumbnail(findings.train.inputs[i])
+    unusual = unusual.assign(picture=[example_cell(findings.train, i)
                                       for i in findings.train.positions(unusual["train_id"])])
     report = render_page(
         folder / "report.html",
@@ -153,4 +156,4 @@ def render_audit_report(folder: Path, findings: AuditFindings, verdict: Verdict)
                     findings.influence, "influences"),
         ],
     )
-    return report, grid_path
+    return (report, *files)

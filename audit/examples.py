@@ -23,11 +23,14 @@ from audit.errors import InvalidInput
 
 @dataclass(frozen=True)
 class ExampleTable:
-    """Image or tabular examples: `inputs` [N, *input_shape] float32, `labels` [N] int64."""
+    """Labelled examples: `inputs` [N, *input_shape] (float32 pictures or features, int64 token ids
+    for text), `labels` [N] int64. `display`: what a reviewer reads for each row when the input is
+    not a picture (the text), else None."""
 
     ids: tuple[str, ...]
     inputs: torch.Tensor
     labels: torch.Tensor
+    display: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -36,6 +39,9 @@ class ExampleTable:
                 f"Example table needs as many inputs and labels as ids; found {n} ids, "
                 f"{self.inputs.shape[0]} inputs and {self.labels.shape[0]} labels."
             )
+        if self.display is not None and len(self.display) != n:
+            raise InvalidInput(f"Example table needs one display text per id; found {n} ids and "
+                               f"{len(self.display)} texts.")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -47,7 +53,9 @@ class ExampleTable:
     def subset(self, index: np.ndarray | list[int]) -> ExampleTable:
         """Rows at `index` (positions, not ids), in that order."""
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return ExampleTable(tuple(self.ids[i] for i in idx.tolist()), self.inputs[idx], self.labels[idx])
+        rows = idx.tolist()
+        display = None if self.display is None else tuple(self.display[i] for i in rows)
+        return ExampleTable(tuple(self.ids[i] for i in rows), self.inputs[idx], self.labels[idx], display)
 
     def positions(self, ids) -> list[int]:
         """Row positions of `ids`, in their order; InvalidInput naming the first id not in the table."""
@@ -59,7 +67,7 @@ class ExampleTable:
 
     def with_labels(self, labels: torch.Tensor) -> ExampleTable:
         """The same examples with other labels (e.g. the reviewer's)."""
-        return ExampleTable(self.ids, self.inputs, labels.to(torch.int64))
+        return ExampleTable(self.ids, self.inputs, labels.to(torch.int64), self.display)
 
     def relabelled(self, relabels: dict[str, int]) -> ExampleTable:
         """The same examples with the labels of the ids in `relabels` replaced (a repair's edits)."""
@@ -70,7 +78,8 @@ class ExampleTable:
 
 
 def pixel_frame(table: ExampleTable, label_column: str = "label") -> pd.DataFrame:
-    """DataFrame with `example_id`, `pixels` (flattened list of floats) and `label_column`."""
+    """DataFrame with `example_id`, `pixels` (flattened list of floats) and `label_column`: the
+    frame `audit.modalities.Pixels(shape).table` reads back."""
     flat = table.inputs.reshape(len(table), -1).to(torch.float64).numpy()
     return pd.DataFrame(
         {
@@ -79,23 +88,6 @@ def pixel_frame(table: ExampleTable, label_column: str = "label") -> pd.DataFram
             label_column: table.labels.numpy().astype(np.int64),
         }
     )
-
-
-def table_from_pixel_frame(
-    frame: pd.DataFrame, input_shape: tuple[int, ...], label_column: str = "label"
-) -> ExampleTable:
-    """Inverse of `pixel_frame`: each `pixels` list is reshaped to `input_shape`."""
-    expected = int(np.prod(input_shape))
-    pixels = [np.asarray(p, dtype=np.float32).ravel() for p in frame["pixels"]]
-    lengths = {len(p) for p in pixels}
-    if lengths != {expected}:
-        raise InvalidInput(
-            f"Every `pixels` list must hold {expected} values for input shape {input_shape}; "
-            f"found lengths {sorted(lengths)}."
-        )
-    inputs = torch.from_numpy(np.stack(pixels)).reshape(len(frame), *input_shape)
-    labels = torch.tensor(frame[label_column].to_numpy(dtype=np.int64))
-    return ExampleTable(tuple(str(i) for i in frame["example_id"]), inputs, labels)
 
 
 def content_digest(frame: pd.DataFrame) -> str:

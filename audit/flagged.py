@@ -1,24 +1,32 @@
 """Flagged batches: production mispredictions a reviewer labelled (DESIGN.md "Data contracts").
 
 A batch is one Parquet or CSV file, or an inbox folder of them. Columns: `example_id`, the model
-input (`pixels`: flattened list of floats for image models), `predicted_label`, `true_label`
-(the reviewer's label), optional `flagged_at`, `source`, `note`.
+input in the columns of the model's modality (audit.modalities: `pixels`, a flattened list of
+floats; `text`, a string; `image`, an encoded picture's bytes, or `image_path`), `predicted_label`,
+`true_label` (the reviewer's label), optional `flagged_at`, `source`, `note`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from audit.errors import InvalidFlaggedBatch
-from audit.examples import ExampleTable, content_digest, table_from_pixel_frame
+from audit.examples import ExampleTable, content_digest, pixel_frame
+from audit.modalities import Modality
 
-REQUIRED_COLUMNS = ("example_id", "pixels", "predicted_label", "true_label")
 OPTIONAL_COLUMNS = ("flagged_at", "source", "note")
 BATCH_SUFFIXES = (".parquet", ".csv")
+
+
+def required_columns(modality: Modality, frame: pd.DataFrame) -> tuple[str, ...]:
+    """The columns a batch for a model of `modality` must have: `example_id`, the modality's input
+    columns (as `frame` gives them: image bytes or paths), `predicted_label`, `true_label`."""
+    return ("example_id", *modality.input_columns(frame), "predicted_label", "true_label")
 
 
 def batch_files(location: Path) -> list[Path]:
@@ -77,26 +85,22 @@ def write_batch(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def flagged_frame(table: ExampleTable, predicted: torch.Tensor, source: str = "") -> pd.DataFrame:
-    """Flagged-batch DataFrame for `table` (labels = reviewer's labels) and the model's predictions [N]."""
-    flat = table.inputs.reshape(len(table), -1).to(torch.float64).numpy()
-    return pd.DataFrame(
-        {
-            "example_id": list(table.ids),
-            "pixels": [row.tolist() for row in flat],
-            "predicted_label": predicted.numpy().astype("int64"),
-            "true_label": table.labels.numpy().astype("int64"),
-            "flagged_at": pd.Timestamp.now(tz="UTC"),
-            "source": source,
-        }
-    )
+    """Flagged-batch DataFrame of a pixels model for `table` (labels = reviewer's labels) and the
+    model's predictions [N]."""
+    frame = pixel_frame(table, label_column="true_label")
+    frame.insert(2, "predicted_label", predicted.numpy().astype("int64"))
+    return frame.assign(flagged_at=pd.Timestamp.now(tz="UTC"), source=source)
 
 
-def flagged_table(frame: pd.DataFrame, input_shape: tuple[int, ...]) -> tuple[ExampleTable, torch.Tensor]:
-    """A validated batch as (examples labelled with the reviewer's labels, predicted labels [N])."""
-    table = table_from_pixel_frame(frame, input_shape, label_column="true_label")
+def flagged_table(frame: pd.DataFrame, encode: Callable[..., ExampleTable]) -> tuple[ExampleTable, torch.Tensor]:
+    """A validated batch as (examples labelled with the reviewer's labels, predicted labels [N]).
+    `encode(frame, label_column=...)` encodes the input columns: the loaded model's `spec.table`
+    (text needs its tokenizer), or a modality's `table`."""
+    table = encode(frame, label_column="true_label")
     return table, torch.tensor(frame["predicted_label"].to_numpy(dtype="int64"))
 
 
-def batch_digest(frame: pd.DataFrame) -> str:
-    """Content digest of the batch's required columns (tag `audit.flagged_digest`)."""
-    return content_digest(frame[list(REQUIRED_COLUMNS)])
+def batch_digest(frame: pd.DataFrame, modality: Modality) -> str:
+    """Content digest of the batch's required columns for `modality` (tag `audit.flagged_digest`);
+    KeyError when one is missing."""
+    return content_digest(frame[list(required_columns(modality, frame))])

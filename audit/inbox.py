@@ -20,6 +20,7 @@ import pandas as pd
 
 from audit.errors import InvalidFlaggedBatch
 from audit.flagged import BATCH_SUFFIXES, batch_digest, batch_files, read_batch_file
+from audit.modalities import Modality
 
 
 def claim_batch(inbox: Path, claims: Path, claim_id: str) -> list[Path]:
@@ -81,11 +82,12 @@ def requeue(claim: Path, inbox: Path) -> list[Path]:
     return [folder / f.name for f in files]
 
 
-def claim_digest(claim: Path) -> str | None:
-    """The content digest of a claimed batch (as audits record it); None when a file cannot be read
-    or lacks a required column (no audit can have logged such a batch)."""
+def claim_digest(claim: Path, modality: Modality) -> str | None:
+    """The content digest of a claimed batch for a model of `modality` (as audits record it); None
+    when a file cannot be read or lacks a required column (no audit can have logged such a batch)."""
     try:
-        return batch_digest(pd.concat([read_batch_file(f) for f in claimed_files(claim)], ignore_index=True))
+        frame = pd.concat([read_batch_file(f) for f in claimed_files(claim)], ignore_index=True)
+        return batch_digest(frame, modality)
     except (InvalidFlaggedBatch, KeyError):
         return None
 

@@ -21,12 +21,15 @@ import torch
 from jinja2 import Environment, select_autoescape
 from markupsafe import Markup
 
+from audit.examples import ExampleTable
 from audit.verdict import Verdict
 
 # Tables longer than this are collapsed behind a <details> toggle, so the page stays short.
 COLLAPSE_ROWS = 12
 # Cells with more characters than this may wrap inside words (CSS class `long`).
 LONG_TEXT = 24
+# An example's text is cut to this many characters in a cell (with an ellipsis).
+SNIPPET_CHARS = 200
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0.8em; max-width: 100%; box-sizing: border-box;
@@ -43,6 +46,11 @@ img { max-width: 100%; height: auto; }
 img.thumb { width: 40px; height: 40px; image-rendering: pixelated; border: 1px solid #999; }
 figure.thumb { display: inline-block; margin: 0 0.3em 0.2em 0; text-align: center; font-size: 0.75em; }
 figure.thumb figcaption { max-width: 6em; }
+figure.snippet { display: inline-block; margin: 0 0.3em 0.2em 0; font-size: 0.85em; max-width: 16em;
+                 vertical-align: top; }
+figure.snippet blockquote { margin: 0; padding: 0.2em 0.4em; border-left: 3px solid #999; background: #fafafa;
+                            overflow-wrap: anywhere; }
+figure.snippet figcaption { font-size: 0.85em; color: #555; }
 .verdict { padding: 0.7em 1em; border: 2px solid; border-radius: 6px; margin: 0.5em 0 1em; }
 .verdict.passed { background: #e8f5e9; border-color: #2e7d32; }
 .verdict.failed { background: #ffebee; border-color: #c62828; }
@@ -100,9 +108,17 @@ class Thumb:
 
 
 @dataclass(frozen=True)
+class Snippet:
+    """An example's text for a table cell (cut to SNIPPET_CHARS) and a caption (shown under it)."""
+
+    text: str
+    caption: str = ""
+
+
+@dataclass(frozen=True)
 class Section:
     """One report section. `id` is its HTML id (stable: tests and links use it); `table` cells
-    may be numbers, strings, lists, `Thumb`s or tuples of them; `table_class` the table's CSS
+    may be numbers, strings, lists, `Thumb`s, `Snippet`s or tuples of them; `table_class` the table's CSS
     class; `image` a base64 PNG shown above the table; `empty_text` replaces an empty table."""
 
     id: str
@@ -122,15 +138,22 @@ def png_data(figure) -> str:
 
 
 def image_pixels(image: torch.Tensor) -> np.ndarray | None:
-    """An input tensor as a uint8 grayscale [H, W] picture (min-max scaled, dark = high, as the
-    digits are drawn), or None when it is not an image ([H, W], or [C, H, W] averaged over C)."""
-    if image.dim() == 3:
-        image = image.float().mean(0)
-    if image.dim() != 2:
+    """An input tensor as a uint8 picture, min-max scaled: grayscale [H, W] for [H, W] or [1, H, W]
+    (dark = high, as the digits are drawn), RGB [H, W, 3] for [3, H, W], the mean over channels
+    (grayscale) for other [C, H, W]; None when it is not an image (e.g. token ids, features)."""
+    x = image.detach().float().cpu()
+    if x.dim() == 3 and x.shape[0] == 3:
+        rgb = x.permute(1, 2, 0).numpy()
+        low, high = float(rgb.min()), float(rgb.max())
+        scaled = (rgb - low) / (high - low) if high > low else np.zeros_like(rgb)
+        return (255 * scaled).round().astype(np.uint8)
+    if x.dim() == 3:
+        x = x.mean(0)
+    if x.dim() != 2:
         return None
-    x = image.detach().float().cpu().numpy()
-    low, high = float(x.min()), float(x.max())
-    scaled = (x - low) / (high - low) if high > low else np.zeros_like(x)
+    gray = x.numpy()
+    low, high = float(gray.min()), float(gray.max())
+    scaled = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
     return (255 * (1.0 - scaled)).round().astype(np.uint8)
 
 
@@ -142,12 +165,27 @@ def thumbnail(image: torch.Tensor, caption: str = "") -> Thumb | str:
     if pixels is None:
         return caption
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return Thumb(base64.b64encode(buffer.getvalue()).decode("ascii"), caption)
 
 
+def example_cell(table: ExampleTable, i: int, caption: str = "") -> Thumb | Snippet | str:
+    """Row `i` of `table` as a reviewer sees it in a cell: its text (a `Snippet`) when the table has
+    `display`, else a picture of its input (`Thumb`; the caption alone when it is not a picture)."""
+    if table.display is not None:
+        text = table.display[i]
+        return Snippet(text if len(text) <= SNIPPET_CHARS else text[:SNIPPET_CHARS - 1] + "\u2026", caption)
+    return thumbnail(table.inputs[i], caption)
+
+
+def shows_pictures(table: ExampleTable) -> bool:
+    """Whether `table`'s examples are shown as pictures (no `display` text, image-shaped inputs)."""
+    return table.display is None and len(table) > 0 and image_pixels(table.inputs[0]) is not None
+
+
 def image_grid(images: torch.Tensor, captions: list[str], columns: int = 10):
-    """Matplotlib figure of images [N, 1, H, W] (or [N, H, W]) with a caption under each."""
+    """Matplotlib figure of images [N, C, H, W] (C = 1 or 3) or [N, H, W], drawn as `image_pixels`
+    makes them, with a caption under each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +197,7 @@ def image_grid(images: torch.Tensor, captions: list[str], columns: int = 10):
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions, strict=False):
-        ax.imshow(image.reshape(image.shape[-2], image.shape[-1]).numpy(), cmap="gray_r")
+        ax.imshow(image_pixels(image), cmap="gray", vmin=0, vmax=255)
         ax.set_title(caption, fontsize=7)
     fig.tight_layout()
     return fig
@@ -177,14 +215,18 @@ def render_page(path: Path, title: str, verdict: Verdict, summary: str, sections
 
 def format_cell(value: object) -> Markup | str:
     """A table cell as a reviewer reads it (escaped): floats to 4 significant digits, missing
-    values as an en dash, booleans as yes/no, sequences joined by commas, `Thumb`s as pictures."""
+    values as an en dash, booleans as yes/no, sequences joined by commas, `Thumb`s as pictures,
+    `Snippet`s as small quoted text blocks."""
+    if isinstance(value, Snippet):
+        caption = Markup("<figcaption>%s</figcaption>") % value.caption if value.caption else ""
+        return Markup('<figure class="snippet"><blockquote>%s</blockquote>%s</figure>') % (value.text, caption)
     if isinstance(value, Thumb):
         caption = Markup("<figcaption>%s</figcaption>") % value.caption if value.caption else ""
         picture = Markup('<img class="thumb" alt="%s" src="data:image/png;base64,%s">') % (value.caption, value.png)
         return Markup('<figure class="thumb">%s%s</figure>') % (picture, caption)
     if isinstance(value, (list, tuple, np.ndarray)):
         parts = [format_cell(v) for v in value]
-        if any(isinstance(v, Thumb) for v in value):
+        if any(isinstance(v, (Thumb, Snippet)) for v in value):
             return Markup("").join(parts)
         return Markup(", ").join(parts) if parts else "\u2013"
     if isinstance(value, (bool, np.bool_)):

@@ -9,7 +9,6 @@ score_queries, build (audit.findings.build_findings), log_audit.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -62,10 +61,10 @@ class AuditResult:
 
 
 @task(cache_policy=NO_CACHE)
-def recover_claims(settings: AuditSettings, workdir: Path) -> None:
+def recover_claims(settings: AuditSettings, workdir: Path, spec: ModelSpec) -> None:
     """Hand back the batches of runs that died holding a claim (audit.inbox.recovery_for)."""
     for claim in stale_claims(workdir / "claims", settings.claim_timeout_s):
-        digest = claim_digest(claim)  # None: unreadable, the next run quarantines it
+        digest = claim_digest(claim, spec.modality)  # None: unreadable, the next run quarantines it
         recovery = recovery_for(audit_log.audit_runs_for_batch(digest) if digest else {})
         for run_id in recovery.mark_failed:
             audit_log.mark_failed(run_id)
@@ -99,12 +98,12 @@ def fetch_flagged(files: list[Path], workdir: Path, max_rows: int) -> pd.DataFra
 
 @task(cache_policy=NO_CACHE)
 def validate_flagged(files: list[Path], frame: pd.DataFrame, spec: ModelSpec, workdir: Path,
-                     max_rows: int) -> BatchValidation:
-    """Run the Great Expectations suite (at most `max_rows` rows, pixels in the model's training
-    range when its spec records one); on failure move the files to quarantine with the result and
-    fail with a sentence naming the failed checks."""
-    result = validate_flagged_frame(frame, spec.num_classes, math.prod(spec.input_shape), max_rows=max_rows,
-                                    input_range=spec.input_range)
+                     max_rows: int, image_root: Path | None) -> BatchValidation:
+    """Run the Great Expectations suite (at most `max_rows` rows, the input checks of the model's
+    modality: e.g. pixels in its training range when its spec records one); on failure move the
+    files to quarantine with the result and fail with a sentence naming the failed checks."""
+    result = validate_flagged_frame(frame, spec.num_classes, spec.modality, max_rows=max_rows,
+                                    input_range=spec.input_range, root=image_root)
     if not result.success:
         folder = quarantine(files, workdir, result.result)
         raise InvalidFlaggedBatch(f"{result.summary()} The batch was moved to {folder}.")
@@ -127,7 +126,7 @@ def load_model(ref: VersionRef, allow_pickle: bool) -> LoadedModel:
 @task(cache_policy=NO_CACHE)
 def recover_training(run_id: str, spec: ModelSpec) -> TrainingData:
     """Training and validation splits through the model's lineage, digest-checked."""
-    return recover_training_data(run_id, spec.input_shape)
+    return recover_training_data(run_id, spec)
 
 
 @task(cache_policy=NO_CACHE)
@@ -152,9 +151,9 @@ def build(settings: AuditSettings, loaded: LoadedModel, training: TrainingData, 
 
 @task(cache_policy=NO_CACHE)
 def log_audit(settings: AuditSettings, findings: AuditFindings, training: TrainingData, frame: pd.DataFrame,
-              validation: BatchValidation, store: StoreSettings) -> AuditResult:
-    """One MLflow run tagged per DESIGN.md with the findings, the report and the audited batch."""
-    digest = batch_digest(frame)
+              digest: str, validation: BatchValidation, store: StoreSettings) -> AuditResult:
+    """One MLflow run tagged per DESIGN.md with the findings, the report and the audited batch
+    (`frame`, its files embedded), tagged with `digest`, the claimed batch's as the inbox read it."""
     tags = RunTags(findings.model_name, findings.model_version, "audit", digest)
     params = {"method": settings.method, "top_k": settings.top_k, "n_flagged": len(findings.flagged),
               "n_train": len(findings.train), "train_digest": training.digests["train"]}
@@ -174,17 +173,19 @@ def audit(store: StoreSettings, settings: AuditSettings) -> AuditResult:
     use_store(store.workdir, tracking=store.tracking_uri)
     ref = resolve_version(settings.model_name, alias=settings.alias)
     require_pickle_opt_in(ref, store.allow_pickle)  # before the claim: a refused run leaves the batch in the inbox
-    recover_claims(settings, store.workdir)
+    recover_claims(settings, store.workdir, ref.spec)
     files = claim(settings.inbox_in(store.workdir), store.workdir, flow_run.get_id() or uuid.uuid4().hex)
     frame = fetch_flagged(files, store.workdir, settings.max_flagged)
-    validation = validate_flagged(files, frame, ref.spec, store.workdir, settings.max_flagged)
-    flagged, predicted = flagged_table(frame, ref.spec.input_shape)
+    validation = validate_flagged(files, frame, ref.spec, store.workdir, settings.max_flagged, settings.image_root)
+    digest = batch_digest(frame, ref.spec.modality)  # of the batch as claimed: what recovering a claim compares
+    frame = ref.spec.modality.embed_files(frame, settings.image_root)  # the logged batch needs no image root
     loaded = load_model(ref, store.allow_pickle)
-    training = recover_training(ref.run_id, ref.spec)
+    flagged, predicted = flagged_table(frame, loaded.spec.table)  # after loading: text needs its tokenizer
+    training = recover_training(ref.run_id, loaded.spec)  # text data is tokenized with the loaded tokenizer
     scores, self_scores = score_queries(loaded.model, training.train, flagged, settings.method,
                                         store.workdir / "cache" / "influence", settings.progress)
     findings = build(settings, loaded, training, flagged, predicted, scores, self_scores)
-    result = log_audit(settings, findings, training, frame, validation, store)
+    result = log_audit(settings, findings, training, frame, digest, validation, store)
     move_files(files, store.workdir / "processed" / result.run_id)
     publish_outcome("audit", f"Audit of {result.model_name} version {result.model_version}", result.verdict,
                     audit_log.run_links(result.run_id, "audit/report.html"), suspects_table(findings.candidates))

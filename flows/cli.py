@@ -121,20 +121,65 @@ def _correction_settings(candidates: str | None, strategy: str | None, method: s
                               min_horizon_correlation=min_horizon_correlation, progress=progress, **named)
 
 
+DEMO_TASKS = ("digits", "sst2", "images")
+# flows.demo_sst2: N_TRAIN, N_VALIDATION, N_PRODUCTION, MAX_LENGTH, TRAINABLE_LAYERS, EPOCHS.
+SST2_SIZES = (1500, 400, 400)
+SST2_MAX_LENGTH = 56
+SST2_TRAINABLE_LAYERS = 2
+EPOCHS_BY_TASK = {"digits": 40, "sst2": 2}  # images: flows.demo_images' own
+
+
 @app.command()
 def demo(
     workdir: Path = WORKDIR,
+    task: str = typer.Option("digits", "--task", help=f"Which demo ({', '.join(DEMO_TASKS)}): digits trains a "
+                                                     "small CNN; sst2 fine-tunes all-MiniLM-L6-v2 on SST-2 "
+                                                     "sentences (needs --data); images a torchvision model."),
+    data: Path = typer.Option(None, "--data", help="sst2: the SST-2 folder (train.tsv, dev.tsv, test.tsv, "
+                                                   "tab-separated, header label<TAB>sentence)."),
     noise_rate: float = typer.Option(0.1, min=0.0, max=0.9, help="Fraction of training labels flipped."),
     seed: int = typer.Option(0, help="Seeds the split, the label noise and training."),
-    epochs: int = typer.Option(40, min=1, help="Training epochs of the digits CNN."),
+    epochs: int = typer.Option(None, min=1, help="Training epochs (default: digits 40, sst2 2, images its "
+                                                 "own)."),
     method: str = AUDIT_METHOD,
     min_fix_rate: float = MIN_FIX_RATE,
+    n_train: int = typer.Option(SST2_SIZES[0], min=1, help="sst2: training sentences sampled."),
+    n_validation: int = typer.Option(SST2_SIZES[1], min=1, help="sst2: validation sentences sampled."),
+    n_production: int = typer.Option(SST2_SIZES[2], min=1, help="sst2: production sentences sampled."),
+    max_length: int = typer.Option(SST2_MAX_LENGTH, min=2, help="sst2: tokens per sentence (longer ones are "
+                                                                "cut)."),
+    trainable_layers: int = typer.Option(SST2_TRAINABLE_LAYERS, min=0, max=6,
+                                         help="sst2: top encoder layers fine-tuned with the pooler and "
+                                              "classifier (the audit scores the pooler and classifier only)."),
 ) -> None:
-    """Train, register, flag, audit and repair a digits CNN end to end on embedded defaults (it loads
-    only the model it trains, so no --allow-pickle is needed)."""
-    from flows.demo import run_demo, summary
+    """Train, register, flag, audit and repair a model end to end on embedded defaults: a digits CNN
+    (the default), or with --task sst2 --data DIR a MiniLM text classifier (it loads only the model it
+    trains, so no --allow-pickle is needed)."""
+    if task not in DEMO_TASKS:
+        typer.echo(f"error: --task must be one of {', '.join(DEMO_TASKS)}; got {task!r}.", err=True)
+        raise typer.Exit(code=2)
+    if task == "sst2" and data is None:
+        typer.echo("error: --task sst2 needs --data DIR, an SST-2 folder holding train.tsv, dev.tsv and test.tsv.",
+                   err=True)
+        raise typer.Exit(code=2)
+    if task == "sst2":
+        from flows.demo_sst2 import run_sst2_demo, summary
 
-    result = _run(lambda: run_demo(workdir, noise_rate, seed, epochs, method, min_fix_rate, progress=_progress()))
+        result = _run(lambda: run_sst2_demo(
+            workdir, data, n_train=n_train, n_validation=n_validation, n_production=n_production,
+            noise_rate=noise_rate, seed=seed, epochs=epochs or EPOCHS_BY_TASK["sst2"], max_length=max_length,
+            trainable_layers=trainable_layers, method=method, min_fix_rate=min_fix_rate, progress=_progress()))
+    elif task == "images":
+        from flows.demo_images import run_image_demo, summary
+
+        options = {} if epochs is None else {"epochs": epochs}
+        result = _run(lambda: run_image_demo(workdir, seed=seed, noise_rate=noise_rate, method=method,
+                                             min_fix_rate=min_fix_rate, progress=_progress(), **options))
+    else:
+        from flows.demo import run_demo, summary
+
+        result = _run(lambda: run_demo(workdir, noise_rate, seed, epochs or EPOCHS_BY_TASK["digits"], method,
+                                       min_fix_rate, progress=_progress()))
     typer.echo(summary(result))
 
 
@@ -146,6 +191,8 @@ def audit_command(
     model: str = MODEL,
     alias: str = typer.Option("champion", help="Alias of the version to audit."),
     inbox: Path = typer.Option(None, help="Flagged batch file or folder (default <workdir>/inbox)."),
+    image_root: Path = typer.Option(None, "--image-root", exists=True, file_okay=False,
+                                    help="Folder the `image_path` cells of a flagged batch are relative to."),
     method: str = AUDIT_METHOD,
     top_k: int = TOP_K,
     max_flagged: int = MAX_FLAGGED,
@@ -157,7 +204,8 @@ def audit_command(
         from flows.settings import AuditSettings, StoreSettings
 
         store = StoreSettings(workdir=workdir, tracking_uri=tracking_uri, allow_pickle=allow_pickle)
-        settings = AuditSettings(model_name=model, alias=alias, inbox=inbox, method=method, top_k=top_k,
+        settings = AuditSettings(model_name=model, alias=alias, inbox=inbox, image_root=image_root, method=method,
+                                 top_k=top_k,
                                  max_flagged=max_flagged, progress=_progress())
         return audit(store, settings)
 

@@ -44,7 +44,7 @@ from audit.verdict import StoreArgs, Verdict
 from flows.artifacts import publish_outcome
 from flows.settings import CorrectionSettings, StoreSettings
 from registry_hooks import audit_log
-from registry_hooks.lineage import log_training_data, recover_training_data
+from registry_hooks.lineage import log_derived_training_data, recover_training_data
 from registry_hooks.model_io import LoadedModel, load_version, log_classifier, resolve_version
 from registry_hooks.registry import refuse_if_corrected, register_challenger
 from registry_hooks.store import use_store
@@ -91,8 +91,8 @@ def load_audit(audit_run_id: str, allow_pickle: bool) -> AuditInputs:
     refuse_if_corrected(tags.model_name, audit_run_id)  # before any work; register_challenger checks again
     ref = resolve_version(tags.model_name, version=tags.model_version)
     loaded = load_version(ref, allow_pickle=allow_pickle)  # without the opt-in, refused before any data is read
-    training = recover_training_data(ref.run_id, ref.spec.input_shape)
-    flagged, _ = flagged_table(audit_log.load_table(audit_run_id, "flagged"), ref.spec.input_shape)
+    training = recover_training_data(ref.run_id, loaded.spec)
+    flagged, _ = flagged_table(audit_log.load_table(audit_run_id, "flagged"), loaded.spec.table)
     return AuditInputs(audit_run_id, loaded, training.train, training.validation, flagged,
                        tags.flagged_digest, audit_log.load_table(audit_run_id, "correction_candidates"),
                        audit_log.run_params(audit_run_id).get("method", "unknown"))
@@ -143,8 +143,9 @@ def log_correction(findings: CorrectionFindings, settings: CorrectionSettings,
 
 @task(cache_policy=NO_CACHE)
 def register(inputs: AuditInputs, repaired: RepairResult) -> str:
-    """Log the repaired model with its lineage (relabels applied) and register it as challenger."""
-    log_training_data(inputs.train.relabelled(repaired.relabels), inputs.validation)
+    """Log the repaired model with its lineage (the audited version's data by reference plus the
+    repair's label edits) and register it as challenger."""
+    log_derived_training_data(inputs.loaded.run_id, repaired.relabels)
     uri = log_classifier(repaired.model, inputs.loaded.spec)
     return register_challenger(uri, inputs.loaded.name, inputs.loaded.version, inputs.audit_run_id)
 

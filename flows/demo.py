@@ -4,6 +4,7 @@ then run the `audit` and `correct` flows on the mispredictions. Everything stays
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +53,9 @@ class DemoResult:
     audit: AuditResult
     correction: CorrectionResult
     relabel_precision: float | None  # of the chosen repair's label edits, from the demo's clean labels
+    epoch_seconds: float  # one training epoch (wall clock), measured beside the audit
+    audit_seconds: float  # the whole `audit` flow
+    audit_threads: int  # intra-op threads of the audit (training: TRAIN_THREADS)
 
 
 @contextmanager
@@ -76,10 +80,12 @@ def train_demo_model(splits: DigitsSplits, config: TrainConfig) -> tuple[SmallRe
     return model, losses
 
 
-def train_and_register(splits: DigitsSplits, config: TrainConfig, noise_rate: float) -> tuple[str, str]:
+def train_and_register(splits: DigitsSplits, config: TrainConfig, noise_rate: float) -> tuple[str, str, float]:
     """Train the demo model on the noisy training split, log run + data lineage, register it as
-    `champion`. Returns (run id, version)."""
+    `champion`. Returns (run id, version, seconds per training epoch)."""
+    start = time.perf_counter()
     model, losses = train_demo_model(splits, config)
+    epoch_seconds = (time.perf_counter() - start) / config.epochs
     with mlflow_run(f"train {MODEL_NAME}") as run_id:
         log_training_run({"noise_rate": noise_rate, **{f"train.{k}": v for k, v in vars(config).items()}}, losses, {
             "train_accuracy": accuracy(model, splits.train.inputs, splits.train.labels),
@@ -89,7 +95,7 @@ def train_and_register(splits: DigitsSplits, config: TrainConfig, noise_rate: fl
         log_training_data(splits.train, splits.validation)
         log_label_noise(splits.train.ids, splits.clean_train_labels.tolist(), splits.train.labels.tolist())
         uri = log_classifier(model, ModelSpec.for_training(splits.train.inputs, NUM_CLASSES))
-    return run_id, register_version(uri, MODEL_NAME, CHAMPION)
+    return run_id, register_version(uri, MODEL_NAME, CHAMPION), epoch_seconds
 
 
 def simulate_production(model_version: str, splits: DigitsSplits, inbox: Path) -> tuple[int, int]:
@@ -118,20 +124,66 @@ def run_demo(workdir: Path, noise_rate: float = 0.1, seed: int = 0, epochs: int 
     correction_settings = CorrectionSettings(gates=GateSettings(min_fix_rate=min_fix_rate), progress=progress)
     use_store(workdir)
     splits = load_digits_splits(noise_rate=noise_rate, seed=seed, fractions=SPLIT_FRACTIONS)
-    run_id, version = train_and_register(splits, TrainConfig(epochs=epochs, seed=seed), noise_rate)
+    run_id, version, epoch_seconds = train_and_register(splits, TrainConfig(epochs=epochs, seed=seed), noise_rate)
     n_production, n_flagged = simulate_production(version, splits, workdir / "inbox")
+    start_prefect()
+    start = time.perf_counter()
     audit_result = audit(store, audit_settings)
+    audit_seconds = time.perf_counter() - start
+    log_cost(audit_result.run_id, epoch_seconds, audit_seconds)
     correction = correct(store, correction_settings, audit_result.run_id)
     precision = splits.relabel_precision(correction.search.chosen.repair.relabels if correction.search.chosen else {})
     if precision is not None:  # the demo alone knows which labels it flipped
         log_metrics(correction.run_id, {"relabel_precision": precision})
     return DemoResult(workdir, run_id, version, len(splits.train), int(splits.flipped.sum()), n_production,
-                      n_flagged, audit_result, correction, precision)
+                      n_flagged, audit_result, correction, precision, epoch_seconds, audit_seconds,
+                      torch.get_num_threads())
+
+
+def log_cost(audit_run_id: str, epoch_seconds: float, audit_seconds: float) -> None:
+    """Log on the audit run what every demo measures side by side: `epoch_seconds` (one training
+    epoch on the same data), `audit_seconds` (the whole `audit` flow) and `audit_epoch_ratio`."""
+    log_metrics(audit_run_id, {"epoch_seconds": epoch_seconds, "audit_seconds": audit_seconds,
+                               "audit_epoch_ratio": audit_seconds / epoch_seconds})
+
+
+def cost_line(epoch_seconds: float, audit_seconds: float, train_threads: int, audit_threads: int) -> str:
+    """The summary line of `log_cost`'s figures, the same in every demo."""
+    return (f"Cost: {epoch_seconds:.1f} s per training epoch ({train_threads} thread(s)), {audit_seconds:.1f} s for "
+            f"the audit ({audit_threads} thread(s)) = {audit_seconds / epoch_seconds:.1f} epochs.")
+
+
+def start_prefect() -> None:
+    """Reach Prefect's API now (starting the local ephemeral server when no PREFECT_API_URL is
+    set; the flows reuse it), so that the audit's measured seconds are the audit's own."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        client.hello()
+
+
+def correction_lines(correction: CorrectionResult, relabel_precision: float | None) -> list[str]:
+    """The summary lines of a demo's correction, shared by every demo: what was chosen, its fix rate
+    and held-out change, and whether it was registered (or why not)."""
+    m = correction.metrics
+    chosen = correction.search.chosen
+    tried = f"{len(correction.search.outcomes)} repair candidates tried"
+    if chosen is None:
+        lines = [f"Correction run {correction.run_id}: {tried}, none passed the selection gates."]
+    else:
+        lines = [f"Correction run {correction.run_id}: {tried}, chose `{chosen.candidate.name}`: fix rate "
+                 f"{m['fix_rate']:.0%}, held-out accuracy {m['heldout_accuracy_before']:.2%} -> "
+                 f"{m['heldout_accuracy_after']:.2%}"
+                 + (f", relabel precision {relabel_precision:.0%}" if relabel_precision is not None else "") + "."]
+    if correction.registered_version:
+        lines.append(f"All gates passed: registered version {correction.registered_version} as @challenger.")
+    else:
+        lines.append("Not registered: " + "; ".join(correction.failure_reasons()) + ".")
+    return lines
 
 
 def summary(result: DemoResult) -> str:
     """The human-readable summary the CLI prints."""
-    m = result.correction.metrics
     lines = [
         f"Trained {MODEL_NAME} on {result.n_train} digits ({result.n_flipped} labels flipped); "
         f"registered version {result.champion_version} as @champion (run {result.train_run_id}).",
@@ -139,21 +191,7 @@ def summary(result: DemoResult) -> str:
         f"Audit run {result.audit.run_id}: {result.audit.n_flagged} flagged x {result.audit.n_train} training "
         f"examples scored, {result.audit.n_candidates} correction candidates.",
     ]
-    correction = result.correction
-    chosen = correction.search.chosen
-    tried = f"{len(correction.search.outcomes)} repair candidates tried"
-    if chosen is None:
-        lines.append(f"Correction run {correction.run_id}: {tried}, none passed the selection gates.")
-    else:
-        precision = result.relabel_precision
-        lines.append(
-            f"Correction run {correction.run_id}: {tried}, chose `{chosen.candidate.name}`: fix rate "
-            f"{m['fix_rate']:.0%}, held-out accuracy {m['heldout_accuracy_before']:.2%} -> "
-            f"{m['heldout_accuracy_after']:.2%}"
-            + (f", relabel precision {precision:.0%}" if precision is not None else "") + ".")
-    if correction.registered_version:
-        lines.append(f"All gates passed: registered version {correction.registered_version} as @challenger.")
-    else:
-        lines.append("Not registered: " + "; ".join(correction.failure_reasons()) + ".")
+    lines.append(cost_line(result.epoch_seconds, result.audit_seconds, TRAIN_THREADS, result.audit_threads))
+    lines += correction_lines(result.correction, result.relabel_precision)
     lines.append(f"Open the MLflow UI: {ui_command(result.workdir)}")
     return "\n".join(lines)

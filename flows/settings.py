@@ -68,6 +68,8 @@ class AuditSettings(BaseModel):
     model_name: str = Field("digits-classifier", min_length=1)
     alias: str = Field("champion", min_length=1, description="registry alias of the version to audit")
     inbox: Path | None = Field(None, description="flagged batch file or folder; default <workdir>/inbox")
+    image_root: Path | None = Field(
+        None, description="folder that the `image_path` cells of a flagged batch of image files are relative to")
     method: str = Field("ekfac", description=f"influence method of audit.influence: {', '.join(AUDIT_METHODS)}")
     top_k: int = Field(10, ge=1, le=1000, description="helpful and harmful examples kept per query")
     claim_timeout_s: float = Field(

@@ -49,10 +49,13 @@ def log_files(paths: list[Path], artifact_dir: str = AUDIT_DIR) -> None:
 
 def log_review_table(table: pd.DataFrame, examples: ExampleTable, id_column: str, artifact_file: str) -> None:
     """Log `table` with `mlflow.log_table` (MLflow's own table view of the run) as `artifact_file`
-    (.json); when `examples` are images, with a `picture` column of each row's example (rows
-    name their example in `id_column`). Missing values are logged as null."""
+    (.json); with each row's example (rows name it in `id_column`) as a `picture` column when
+    `examples` are images, as a `text` column when they are sentences. Missing values are logged as null."""
     table = table.astype(object).where(table.notna(), None)
-    pictures = [image_pixels(examples.inputs[i]) for i in examples.positions(table[id_column])]
+    positions = examples.positions(table[id_column])
+    if examples.display is not None:
+        table = table.assign(text=[examples.display[i] for i in positions])
+    pictures = [image_pixels(examples.inputs[i]) for i in positions] if examples.display is None else []
     if pictures and all(p is not None for p in pictures):
         table = table.assign(picture=[mlflow.Image(p) for p in pictures])
     mlflow.log_table(table, artifact_file)

@@ -18,19 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
 from audit.errors import AuditError, IntegrityError, InvalidInput, LineageError
+from audit.examples import ExampleTable
+from audit.modalities import MODALITY_PARAM, Modality, modality_from_params
 from registry_hooks.model_kinds import KIND_PARAM, ModelKind, PyTorchModule, kind_from_params
 
 DIGEST_PARAM = "model_digest"
+TUNED_PARAM = "tuned_params"
 # How a user opts in to unpickling (named by the refusal; flows/cli.py reads both).
 ALLOW_PICKLE_FLAG = "--allow-pickle"
 ALLOW_PICKLE_ENV = "MODEL_AUDIT_ALLOW_PICKLE"
@@ -47,17 +52,40 @@ class ModelSpec:
     one example, the number of classes, the (min, max) of the training inputs (None for a model
     logged before it was recorded: its flagged inputs are then checked for finiteness only) and
     its kind, how it is stored in MLflow: a pickled module unless told otherwise, e.g.
-    `kind=TorchvisionModel("resnet18", {"num_classes": 10})` (registry_hooks.model_kinds).
+    `kind=TorchvisionModel("resnet18", {"num_classes": 10})` (registry_hooks.model_kinds), and its
+    modality, what one example's input is in a data frame and how it is encoded (audit.modalities;
+    None: the kind's `default_modality(input_shape)`, which is `Pixels(input_shape)`, flat float
+    lists, except for kinds that take one modality only: `Text(max_length)` for `transformers`),
+    whose `input_shape()` must be `input_shape`.
+    `tuned_params`: the parameter-name prefixes that audits score and repairs fine-tune (e.g. the
+    last encoder layer and the head of a large text model, where scoring all of it is too slow);
+    None: every parameter. A loaded model has only those parameters trainable (`requires_grad`),
+    which the influence engine and the repair's fine-tuning both follow.
     Logging a repaired model with the spec its source was loaded with keeps the source's kind."""
 
     input_shape: tuple[int, ...]
     num_classes: int
     input_range: tuple[float, float] | None = None
     kind: ModelKind = PICKLED
+    modality: Modality | None = None
+    tuned_params: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ModelKind):
             raise InvalidInput(f"ModelSpec.kind must be a model kind (registry_hooks.model_kinds); got {self.kind!r}.")
+        if self.modality is None:
+            object.__setattr__(self, "modality", self.kind.default_modality(tuple(self.input_shape)))
+        if not isinstance(self.modality, Modality):
+            raise InvalidInput(f"ModelSpec.modality must be a modality (audit.modalities); got {self.modality!r}.")
+        if tuple(self.input_shape) != self.modality.input_shape():
+            raise InvalidInput(f"ModelSpec.input_shape {tuple(self.input_shape)} differs from the "
+                               f"{self.modality.name} modality's input shape {self.modality.input_shape()}.")
+        if self.tuned_params is not None:
+            tuned = self.tuned_params
+            if isinstance(tuned, str) or not tuned or not all(isinstance(p, str) and p for p in tuned):
+                raise InvalidInput(f"ModelSpec.tuned_params must be a non-empty list of parameter-name prefixes, e.g. "
+                                   f"('classifier.',); got {tuned!r}.")
+            object.__setattr__(self, "tuned_params", tuple(tuned))
         low, high = self.input_range or (0.0, 0.0)
         if not (math.isfinite(low) and math.isfinite(high) and low <= high):
             raise InvalidInput(f"input_range must be finite (min, max) with min <= max, got {self.input_range!r}.")
@@ -69,16 +97,44 @@ class ModelSpec:
 
     def params(self) -> dict[str, str]:
         """Run params: `input_shape` ("1x8x8"), `num_classes`, when known `input_min` / `input_max`
-        (repr of the float, so they read back exactly), `model_kind` and the kind's own params."""
+        (repr of the float, so they read back exactly), `model_kind` and the kind's own params,
+        `modality` and the modality's own params, `tuned_params` (JSON list) when set."""
         params = {"input_shape": "x".join(map(str, self.input_shape)), "num_classes": str(self.num_classes)}
         if self.input_range is not None:
             params |= {"input_min": repr(self.input_range[0]), "input_max": repr(self.input_range[1])}
-        return params | {KIND_PARAM: self.kind.name} | self.kind.params()
+        params |= {KIND_PARAM: self.kind.name} | self.kind.params()
+        params |= {MODALITY_PARAM: self.modality.name} | self.modality.params()
+        return params | ({TUNED_PARAM: json.dumps(list(self.tuned_params))} if self.tuned_params else {})
+
+    def tuned_names(self, model: torch.nn.Module) -> set[str]:
+        """Names of the parameters of `model` that `tuned_params` selects (all when None);
+        InvalidInput when the prefixes select none."""
+        names = [name for name, _ in model.named_parameters()]
+        keep = {n for n in names if self.tuned_params is None or n.startswith(self.tuned_params)}
+        if not keep:
+            raise InvalidInput(f"ModelSpec.tuned_params {list(self.tuned_params)} selects none of the model's "
+                               f"parameters (their names start like {names[0]!r}).")
+        return keep
+
+    def tune_only_selected(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model`, with `requires_grad` set on exactly the parameters `tuned_names` gives."""
+        keep = self.tuned_names(model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in keep)
+        return model
+
+    def table(self, frame: pd.DataFrame, label_column: str = "label", *, root: Path | None = None) -> ExampleTable:
+        """`frame` (`example_id`, `label_column`, the modality's input columns) encoded as this model
+        takes it: inputs [N, *input_shape]. Text is tokenized with the tokenizer the loaded kind
+        holds (InvalidInput before the model is loaded); `root`: where `image_path` cells resolve."""
+        return self.modality.table(frame, label_column=label_column, tokenizer=getattr(self.kind, "tokenizer", None),
+                                   root=root)
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> ModelSpec:
-        """The spec a run's `params()` recorded; LineageError when they are missing or unusable, or
-        name a model kind this installation does not have."""
+        """The spec a run's `params()` recorded (no `modality`: pixels, as runs logged before it was
+        recorded); LineageError when they are missing or unusable, or name a model kind or modality
+        this installation does not have."""
         kind = kind_from_params(params)
         try:
             shape = tuple(int(v) for v in params["input_shape"].split("x"))
@@ -88,11 +144,20 @@ class ModelSpec:
                 "The model's run does not record `input_shape` and `num_classes` params; "
                 "log it with model-audit's training helpers."
             ) from exc
+        modality = modality_from_params(params)
+        try:
+            tuned = tuple(json.loads(params[TUNED_PARAM])) if TUNED_PARAM in params else None
+        except (TypeError, ValueError) as exc:
+            raise LineageError(f"The model's run records unusable `{TUNED_PARAM}` {params[TUNED_PARAM]!r}; "
+                               "expected a JSON list of parameter-name prefixes.") from exc
+        if shape != modality.input_shape():
+            raise LineageError(f"The model's run records `input_shape` {params['input_shape']} but its {modality.name} "
+                               f"modality encodes inputs of shape {modality.input_shape()}.")
         bounds = (params.get("input_min"), params.get("input_max"))
         if bounds == (None, None):  # logged before the range was recorded
-            return cls(shape, num_classes, kind=kind)
+            return cls(shape, num_classes, kind=kind, modality=modality, tuned_params=tuned)
         try:
-            return cls(shape, num_classes, (float(bounds[0]), float(bounds[1])), kind)
+            return cls(shape, num_classes, (float(bounds[0]), float(bounds[1])), kind, modality, tuned)
         except (TypeError, ValueError, InvalidInput) as exc:
             raise LineageError(f"The model's run records an unusable input range (input_min={bounds[0]!r}, "
                                f"input_max={bounds[1]!r}); both must be finite numbers, min <= max.") from exc
@@ -116,6 +181,7 @@ def log_classifier(model: torch.nn.Module, spec: ModelSpec) -> str:
     `ModelSpec.for_training`; the kind), a signature and the digest of the files a load reads;
     returns its URI. InvalidInput, before anything is logged, when the kind cannot store `model`."""
     spec.kind.check(model, spec)
+    spec.tuned_names(model)  # refuses prefixes that select nothing, before anything is logged
     mlflow.log_params(spec.params())
     uri = spec.kind.log(model, spec)
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,4 +265,5 @@ def load_version(ref: VersionRef, *, allow_pickle: bool) -> LoadedModel:
         except mlflow.exceptions.MlflowException as exc:  # e.g. MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
             raise IntegrityError(f"MLflow refused to load version {ref.version} of {ref.name}: "
                                  f"{str(exc).splitlines()[0]}") from None
-    return LoadedModel(model.eval(), ref.name, ref.version, ref.run_id, dataclasses.replace(ref.spec, kind=loaded_kind))
+    model = ref.spec.tune_only_selected(model.eval())
+    return LoadedModel(model, ref.name, ref.version, ref.run_id, dataclasses.replace(ref.spec, kind=loaded_kind))

@@ -26,6 +26,9 @@ CHAMPION_OF_RECORD = "audit.champion_of_record"
 # On a version champion was moved to without passing the gates, and on the registered model (the
 # guard's latest action): what a reviewer sees in the MLflow UI.
 GUARD = "audit.guard"
+# On a model's training run, per split (train, validation, relabels): where this run's data is, as
+# JSON (registry_hooks.lineage; MLflow shares one dataset record between runs with the same digest).
+DATA_SOURCE = "audit.data.{split}"
 
 KINDS = ("audit", "correction")
 GATES_PASSED, GATES_FAILED = "passed", "failed"

@@ -36,7 +36,10 @@ def finetune_steps(
     `ascent_bound` (bounded gradient ascent: an example stops pushing once its loss exceeds the
     bound). `optimizer` "sgd" (plain gradient descent, the influence-horizon protocol) or "adam"
     (fresh state). `callback(step)` runs after each step (1-based), e.g. to measure a query loss.
-    The model is left in eval mode.
+    The steps run in eval mode, and the model is left in it: batch-norm statistics stay frozen and
+    dropout off, so the steps change only the weights, the change the influence estimate predicts
+    (in train mode, 20 steps on 5 examples re-estimated a torchvision resnet18's batch-norm
+    statistics from those 5 and cost it 30 points of validation accuracy; measured).
     """
     if len(inputs) != len(labels):
         raise InvalidInput(f"finetune_steps needs one label per input; found {len(inputs)} inputs "
@@ -48,7 +51,7 @@ def finetune_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
     history = []
-    model.train()
+    model.eval()
     for step in range(1, steps + 1):
         opt.zero_grad()
         loss = torch.zeros(())
@@ -61,15 +64,11 @@ def finetune_steps(
             # clamp kills the gradient of examples already pushed past the bound
             loss = loss - per_example.clamp(max=ascent_bound).mean()
         if not torch.isfinite(loss):
-            model.eval()
             raise NumericalError(f"Fine-tuning loss became {loss.item()} at step {step}; "
                                  f"lower the learning rate (now {lr}).")
         history.append(loss.item())
         loss.backward()
         opt.step()
         if callback is not None:
-            model.eval()
             callback(step)
-            model.train()
-    model.eval()
     return history

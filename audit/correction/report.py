@@ -21,7 +21,7 @@ from audit.correction.evidence import edits_touching
 from audit.correction.search import CANDIDATES_BY_NAME, SearchResult
 from audit.examples import ExampleTable
 from audit.gates import GateReport
-from audit.report_page import Section, png_data, render_page, thumbnail
+from audit.report_page import Section, example_cell, png_data, render_page
 from audit.verdict import StoreArgs, Verdict, cli_command
 
 
@@ -149,7 +149,7 @@ def _edit_rows(findings: CorrectionFindings) -> pd.DataFrame:
         proposal = audit.loc[t] if audit is not None and t in audit.index else None
         audit_action = proposal["action"] if proposal is not None else "not a suspect"
         audit_label = proposal["proposed_label"] if proposal is not None else None
-        rows.append({"picture": thumbnail(train.inputs[i]), "train id": t, "label": int(train.labels[i]),
+        rows.append({"picture": example_cell(train, i), "train id": t, "label": int(train.labels[i]),
                      "relabelled to": y, "audit proposed": audit_action,
                      "audit's label": None if audit_label is None or pd.isna(audit_label) else int(audit_label),
                      "as the audit proposed": audit_action == "relabel" and audit_label == y})
@@ -169,7 +169,7 @@ def _evidence_rows(findings: CorrectionFindings) -> pd.DataFrame:
         ["_o", "label"], kind="stable")
     positions = findings.gate_split.positions(order["example_id"])
     return pd.DataFrame({
-        "picture": [thumbnail(findings.gate_split.inputs[i]) for i in positions],
+        "picture": [example_cell(findings.gate_split, i) for i in positions],
         "validation id": order["example_id"].tolist(), "label": order["label"].tolist(),
         "champion predicted": order["before"].tolist(), "repair predicted": order["after"].tolist(),
         "change": order["change"].tolist(),

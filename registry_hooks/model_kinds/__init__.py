@@ -20,13 +20,14 @@ from registry_hooks.model_kinds.registry import (
     register,
 )
 
-BUILTIN = ("pytorch", "torchvision")
+BUILTIN = ("pytorch", "torchvision", "transformers")
 
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")
 
 from registry_hooks.model_kinds.pytorch import PyTorchModule  # noqa: E402
 from registry_hooks.model_kinds.torchvision import TorchvisionModel  # noqa: E402
+from registry_hooks.model_kinds.transformers import TransformersModel  # noqa: E402
 
 __all__ = ["BUILTIN", "DEFAULT_KIND", "KIND_PARAM", "ModelKind", "PyTorchModule", "Registration", "TorchvisionModel",
-           "find", "kind_from_params", "names", "register"]
+           "TransformersModel", "find", "kind_from_params", "names", "register"]

@@ -24,6 +24,7 @@ import torch
 from mlflow.models import ModelSignature, infer_signature
 
 from audit.errors import InvalidInput, LineageError
+from audit.modalities import Modality, Pixels
 
 if TYPE_CHECKING:  # model_io imports this package for ModelSpec's default kind
     from registry_hooks.model_io import ModelSpec
@@ -62,6 +63,10 @@ class ModelKind(abc.ABC):
     def from_params(cls, params: Mapping[str, str]) -> ModelKind:
         """The instance whose `params()` a run recorded; LineageError when they are missing or unusable."""
         return cls()
+
+    def default_modality(self, input_shape: tuple[int, ...]) -> Modality:
+        """The modality of a ModelSpec of this kind that names none: flat `pixels` of `input_shape`."""
+        return Pixels(input_shape)
 
     def check(self, model: torch.nn.Module, spec: ModelSpec) -> None:  # noqa: B027 - optional hook
         """InvalidInput when `model` cannot be stored as this kind; called before anything is logged."""
@@ -146,10 +151,11 @@ def kind_from_params(params: Mapping[str, str]) -> ModelKind:
     return kind.from_params(params)
 
 
-def tensor_signature(model: torch.nn.Module, spec: ModelSpec) -> ModelSignature:
-    """MLflow signature of a model taking float32 tensors [B, *spec.input_shape] to logits, from a
-    forward pass (in eval mode, which it leaves set) on two zero inputs."""
-    example = np.zeros((2, *spec.input_shape), dtype=np.float32)
+def tensor_signature(model: torch.nn.Module, spec: ModelSpec, dtype: type[np.generic] = np.float32) -> ModelSignature:
+    """MLflow signature of a model taking tensors [B, *spec.input_shape] of `dtype` (float32 for
+    pixels; int64 for token ids) to logits, from a forward pass (in eval mode, which it leaves set)
+    on two zero inputs."""
+    example = np.zeros((2, *spec.input_shape), dtype=dtype)
     with torch.no_grad():
         logits = model.eval()(torch.from_numpy(example)).numpy()
     return infer_signature(example, logits)

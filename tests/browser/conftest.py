@@ -5,6 +5,7 @@ browser, the driver or Selenium is missing or will not start, the tests skip and
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,15 @@ def record_screenshot(path: Path) -> None:
     print(f"screenshot: {path}")
 
 
-def pytest_terminal_summary(terminalreporter):
-    if _saved:
+def pytest_sessionstart(session):
+    session.config._screenshots_since = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    # Under pytest-xdist the tests run in worker processes: list what this run saved from the folder.
+    since = getattr(config, "_screenshots_since", None)
+    saved = _saved or sorted(p for p in SCREENSHOTS.glob("*.png") if since and p.stat().st_mtime >= since)
+    if saved:
         terminalreporter.section("browser screenshots")
-        for path in _saved:
+        for path in saved:
             terminalreporter.write_line(str(path))

@@ -34,7 +34,7 @@ import pytest
 from tests.browser.conftest import record_screenshot
 from tests.deploy.conftest import mlflow_server_process
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.xdist_group("demo")]  # see tests/e2e/test_demo.py
 
 WAIT_S = 60
 OVERFLOW_TOLERANCE_PX = 2

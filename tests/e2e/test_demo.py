@@ -16,7 +16,9 @@ from flows.demo import MODEL_NAME, summary
 from flows.settings import CorrectionSettings, GateSettings, StoreSettings
 from registry_hooks import audit_log
 
-pytestmark = pytest.mark.slow  # trains, audits and repairs the demo model (about a minute)
+# trains, audits and repairs the demo model (about a minute); xdist_group: with `make test`'s two
+# workers, every reader of the session's demo run shares one worker, so the demo runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 GATE_NAMES = {"fix_rate", "heldout_accuracy", "class_recall", "canary_flips", "onnx_parity", "evaluation_table"}
 GATE_METRICS = {"fix_rate", "heldout_accuracy_before", "heldout_accuracy_after", "max_class_recall_drop",
@@ -153,7 +155,7 @@ def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_
     from registry_hooks.model_io import resolve_version
 
     ref = resolve_version(MODEL_NAME, alias="challenger")
-    assert len(recover_training_data(ref.run_id, ref.spec.input_shape).train) == demo_result.n_train
+    assert len(recover_training_data(ref.run_id, ref.spec).train) == demo_result.n_train
 
     out = CliRunner().invoke(app, ["promote", "--workdir", str(demo_result.workdir)])
     assert out.exit_code == 0, out.output

@@ -115,6 +115,7 @@ def _stale_claim(workdir, name, frame):
 def test_batches_of_runs_that_died_are_audited_once(prefect_harness, registered):
     from audit.errors import EmptyInbox
     from audit.flagged import batch_digest, read_batch_file
+    from audit.modalities import Pixels
     from registry_hooks.tags import RunTags
 
     workdir, frame = registered
@@ -135,7 +136,7 @@ def test_batches_of_runs_that_died_are_audited_once(prefect_harness, registered)
     claimed = _stale_claim(workdir, "died-logging", partial) / "batch.parquet"
     client = MlflowClient()
     experiment = client.get_experiment_by_name("model-audit").experiment_id
-    digest = batch_digest(read_batch_file(claimed))  # as the audit computes it, from the file
+    digest = batch_digest(read_batch_file(claimed), Pixels((1, 8, 8)))  # as the audit computes it, from the file
     half = client.create_run(experiment, tags=RunTags("m", "1", "audit", digest).to_mlflow())
     second = audit(store, settings)
     assert client.get_run(half.info.run_id).info.status == "FAILED"

@@ -129,6 +129,30 @@ def test_the_correction_runs_gradcos_but_no_method_that_needs_checkpoints():
         AuditSettings(method="gradcos")
 
 
+@pytest.mark.parametrize("options, sentence", [
+    (["--task", "sst2"], "error: --task sst2 needs --data DIR, an SST-2 folder holding train.tsv, dev.tsv and "
+                         "test.tsv."),
+    (["--task", "mnist"], "error: --task must be one of digits, sst2, images; got 'mnist'."),
+])
+def test_the_demo_refuses_a_bad_task_or_sst2_without_data_in_one_sentence(options, sentence, tmp_path):
+    out = CliRunner().invoke(app, ["demo", *options, "--workdir", str(tmp_path / "w")])
+    assert out.exit_code == 2
+    assert [line for line in out.output.splitlines() if line.strip()] == [sentence]
+    assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_the_demo_defaults_are_the_text_demo_defaults():
+    from flows import demo_sst2
+
+    defaults = _defaults("demo")
+    assert defaults["task"] == "digits" and defaults["epochs"] is None  # each task's own
+    assert (defaults["n_train"], defaults["n_validation"], defaults["n_production"]) == (
+        demo_sst2.N_TRAIN, demo_sst2.N_VALIDATION, demo_sst2.N_PRODUCTION)
+    assert (defaults["max_length"], defaults["trainable_layers"], defaults["noise_rate"]) == (
+        demo_sst2.MAX_LENGTH, demo_sst2.TRAINABLE_LAYERS, demo_sst2.NOISE_RATE)
+    assert cli.EPOCHS_BY_TASK["sst2"] == demo_sst2.EPOCHS and defaults["method"] == demo_sst2.METHOD
+
+
 @pytest.mark.parametrize("model, values", [
     (AuditSettings, {"workdir": "w"}),  # the store has its own settings now
     (CorrectionSettings, {"tracking_uri": "http://mlflow"}),

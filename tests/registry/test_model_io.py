@@ -6,7 +6,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from audit.demo.models import SmallResNet
-from audit.errors import LineageError
+from audit.errors import InvalidInput, LineageError
 from registry_hooks.model_io import (
     ALLOW_PICKLE_ENV,
     ALLOW_PICKLE_FLAG,
@@ -47,6 +47,26 @@ def test_a_model_logged_without_a_range_has_none(mlflow_store):
 def test_an_unusable_recorded_range_is_one_sentence(recorded):
     with pytest.raises(LineageError, match="records an unusable input range"):
         ModelSpec.from_params({"input_shape": "1x8x8", "num_classes": "10", **recorded})
+
+
+def test_tuned_params_are_recorded_and_only_they_are_trainable_once_loaded(mlflow_store):
+    spec = ModelSpec((1, 8, 8), 10, tuned_params=("head.",))
+    run_id = _register(spec)
+    assert MlflowClient().get_run(run_id).data.params["tuned_params"] == '["head."]'
+    ref = resolve_version("m", alias="champion")
+    assert ref.spec == spec
+    model = load_version(ref, allow_pickle=True).model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("head.")} != set()
+
+
+def test_tuned_params_that_select_nothing_are_refused_before_anything_is_logged(mlflow_store):
+    with mlflow.start_run() as run:
+        with pytest.raises(InvalidInput, match=r"selects none of the model's parameters"):
+            log_classifier(SmallResNet(), ModelSpec((1, 8, 8), 10, tuned_params=("encoder.layer.5.",)))
+    assert MlflowClient().get_run(run.info.run_id).data.params == {}
+    with pytest.raises(InvalidInput, match="non-empty list of parameter-name prefixes"):
+        ModelSpec((1, 8, 8), 10, tuned_params="fc.")
 
 
 class _Payload:

@@ -124,13 +124,17 @@ def test_registering_a_repaired_copy_through_the_correct_flow_keeps_the_kind(mlf
     from audit.correction import RepairResult
     from audit.examples import ExampleTable
     from flows.correct_flow import AuditInputs, register
+    from registry_hooks.lineage import log_training_data
 
-    _log_and_register(_resnet(0), ModelSpec(IMAGE_SHAPE, 10, (-4.0, 4.0), RESNET))
+    table = ExampleTable(("a", "b"), torch.zeros(2, *IMAGE_SHAPE), torch.tensor([0, 1]))
+    with mlflow.start_run():
+        log_training_data(table, table)  # the lineage a repair re-records
+        uri = log_classifier(_resnet(0), ModelSpec(IMAGE_SHAPE, 10, (-4.0, 4.0), RESNET))
+    register_version(uri, "m", "champion")
     loaded = load_version(resolve_version("m", alias="champion"), allow_pickle=False)
     repaired = copy.deepcopy(loaded.model)  # what repair_batch starts from
     with torch.no_grad():
         repaired.fc.bias += 0.5
-    table = ExampleTable(("a", "b"), torch.zeros(2, *IMAGE_SHAPE), torch.tensor([0, 1]))
     inputs = AuditInputs("audit-run", loaded, table, table, table, "digest", pd.DataFrame(), "graddot")
     with mlflow.start_run() as run:
         version = register.fn(inputs, RepairResult(repaired, 1, 1, ("a",), {}, ()))
@@ -200,8 +204,8 @@ def test_an_unknown_recorded_kind_is_refused_in_one_sentence(mlflow_store):
     with register(SmallResNetWeights):
         _log_and_register(SmallResNet(), ModelSpec((1, 8, 8), 10, kind=SmallResNetWeights()))
     # The module that registered the kind is not installed here (any more).
-    with pytest.raises(LineageError, match="records `model_kind` 'test_small_resnet', which this installation "
-                                           r"cannot load \(known kinds: pytorch, torchvision\)") as refused:
+    with pytest.raises(LineageError, match="records `model_kind` 'test_small_resnet', which this installation cannot "
+                                           r"load \(known kinds: pytorch, torchvision, transformers\)") as refused:
         resolve_version("m", alias="champion")
     assert _one_sentence(str(refused.value))
 

@@ -13,6 +13,7 @@ import pytest
 
 from audit.errors import InvalidFlaggedBatch
 from audit.flagged import read_batch_file
+from audit.modalities import Pixels
 from audit.validation import validate_flagged_frame
 
 HEADER = b"example_id,pixels,predicted_label,true_label\n"
@@ -58,7 +59,7 @@ INVALID = {
 @pytest.mark.parametrize("case", INVALID)
 def test_an_invalid_batch_fails_validation_naming_the_check(case):
     frame, named = INVALID[case]
-    result = validate_flagged_frame(frame, num_classes=10, input_size=64, input_range=(0.0, 16.0))
+    result = validate_flagged_frame(frame, num_classes=10, modality=Pixels((1, 8, 8)), input_range=(0.0, 16.0))
     assert not result.success
     assert named in " ".join(result.failed_checks), result.failed_checks
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from audit.errors import InvalidInput
-from audit.examples import ExampleTable, content_digest, pixel_frame, table_from_pixel_frame
+from audit.examples import ExampleTable, content_digest, pixel_frame
+from audit.modalities import Pixels
 
 
 def _table(n=5):
@@ -14,7 +15,7 @@ def _table(n=5):
 
 def test_pixel_frame_round_trip_keeps_ids_inputs_labels():
     table = _table()
-    back = table_from_pixel_frame(pixel_frame(table), (1, 8, 8))
+    back = Pixels((1, 8, 8)).table(pixel_frame(table))
     assert back.ids == table.ids
     assert torch.equal(back.labels, table.labels)
     assert torch.allclose(back.inputs, table.inputs)
@@ -36,7 +37,7 @@ def test_content_digest_ignores_the_index():
 def test_wrong_pixel_count_is_one_clear_error():
     frame = pixel_frame(_table())
     with pytest.raises(InvalidInput, match="must hold 16 values.*found lengths \\[64\\]"):
-        table_from_pixel_frame(frame, (1, 4, 4))
+        Pixels((1, 4, 4)).table(frame)
 
 
 def test_digits_noise_flips_exactly_the_requested_fraction(digits_splits):

@@ -6,6 +6,7 @@ import threading
 import time
 
 from audit.inbox import Recovery, claim_batch, claim_digest, move_files, recovery_for, requeue, stale_claims
+from audit.modalities import Pixels
 
 
 def _inbox(tmp_path, n):
@@ -80,6 +81,6 @@ def test_a_claim_that_cannot_be_an_audited_batch_has_no_digest(tmp_path):
     claim = tmp_path / "claim"
     claim.mkdir()
     (claim / "a.csv").write_bytes(bytes(range(128, 256)))
-    assert claim_digest(claim) is None
+    assert claim_digest(claim, Pixels((1, 8, 8))) is None
     (claim / "a.csv").write_text("example_id,other\nq,1\n")
-    assert claim_digest(claim) is None
+    assert claim_digest(claim, Pixels((1, 8, 8))) is None

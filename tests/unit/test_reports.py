@@ -165,3 +165,51 @@ def test_cells_are_formatted_never_python_reprs():
     assert format_cell(0.123456789) == "0.1235" and format_cell(float("nan")) == "\u2013"
     assert format_cell(None) == "\u2013" and format_cell(pd.NA) == "\u2013"
     assert "yes" in format_cell(True) and "no" in format_cell(False)
+
+
+def test_a_text_audit_shows_escaped_sentences_and_no_picture_grid(tmp_path):
+    """Text examples: each cell shows the sentence (escaped, cut to SNIPPET_CHARS with an ellipsis)
+    captioned like a picture would be; no thumbnails, no influence grid."""
+    from audit.report_page import SNIPPET_CHARS
+
+    sentences = [f"plain sentence {i}" for i in range(11)] + [f"a {SCRIPT} in a review"]
+    long = "word " * 100
+    train = ExampleTable(tuple(f"t{i}" for i in range(12)), torch.randint(1, 40, (12, 6)), torch.arange(12) % 10,
+                         tuple(sentences))
+    flagged = ExampleTable(("q0", "q1"), torch.randint(1, 40, (2, 6)), torch.tensor([3, 4]),
+                           (long, '<img src=x onerror="alert(3)">'))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(40, 4), nn.Flatten(), nn.Linear(24, 10))
+    scores = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+    scores[:, 11] = -50.0  # the sentence with markup is the most harmful for both
+    findings = build_findings(model, "m", "1", "graddot", train, flagged, torch.tensor([1, 1]), scores,
+                              scores.abs().sum(0), top_k=3)
+    files = render_audit_report(tmp_path, findings, audit_verdict(findings, "run1", StoreArgs(tmp_path)))
+    assert len(files) == 1 and not (tmp_path / "influence_grid.png").exists()
+    html = files[0].read_text()
+    assert '<img class="thumb"' not in html
+    sections = _sections(html)
+    rows = _body_rows(sections["flagged"])
+    assert len(rows) == 2 and all('<figure class="snippet">' in r for r in rows)
+    assert "&lt;img src=x onerror=&#34;alert(3)&#34;&gt;" in rows[1]
+    assert all("a &lt;script&gt;alert(1)&lt;/script&gt; in a review" in r and "t11: 1" in r for r in rows)
+    shown = re.search(r"<blockquote>(.*?)</blockquote>", rows[0]).group(1)
+    assert len(shown) == SNIPPET_CHARS and shown.endswith("\u2026") and long.startswith(shown[:-1])
+    _no_raw_markup(html)
+
+
+def test_colour_pictures_keep_their_colours_and_grayscale_stays_dark_on_high():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from audit.report_page import image_pixels, thumbnail
+
+    rgb = torch.zeros(3, 2, 2)
+    rgb[0, 0, 0] = 5.0  # one red pixel on black, any scale
+    picture = Image.open(io.BytesIO(base64.b64decode(thumbnail(rgb, "c").png)))
+    assert picture.mode == "RGB" and picture.getpixel((0, 0)) == (255, 0, 0) and picture.getpixel((1, 1)) == (0, 0, 0)
+    gray = image_pixels(torch.tensor([[[0.0, 16.0]]]))
+    assert gray.shape == (1, 2) and gray.tolist() == [[255, 0]]
+    assert image_pixels(torch.arange(6)) is None  # token ids are no picture
