@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import mlflow
 
 from audit.errors import AuditError
+from registry_hooks.tags import DATA_SOURCE
 
 EXPERIMENT = "model-audit"
 DATABASE = "mlflow.db"
@@ -97,7 +98,8 @@ def relocate(workdir: Path) -> Relocation:
     """Make a copied or moved workdir's store point at its own artifacts: every artifact location
     it records under the workdir it was made in (the `model-audit` experiment's artifact root,
     `<old workdir>/mlruns`) is rewritten to the same place under `workdir`: experiments, runs,
-    model versions, logged models, and the paths of local dataset sources. Locations elsewhere
+    model versions, logged models, and the paths of local dataset sources, including the training
+    data a run records by reference (run tags `audit.data.<split>`). Locations elsewhere
     (an S3 bucket, another folder) are left alone. One transaction; idempotent (a store that
     already points into `workdir` is left unchanged). Run it while nothing else uses the store.
     AuditError when `workdir` holds no MLflow store."""
@@ -120,6 +122,7 @@ def relocate(workdir: Path) -> Relocation:
             db.executemany(f"UPDATE {table} SET {column} = ? WHERE rowid = ?", [(v, k) for k, v in changed.items()])
             rewritten[f"{table}.{column}"] = len(changed)
         rewritten["datasets.dataset_source"] = _relocate_dataset_sources(db, old, workdir)
+        rewritten["tags.audit.data"] = _relocate_data_tags(db, old, workdir)
     return Relocation(workdir, old, rewritten)
 
 
@@ -148,6 +151,24 @@ def _relocate_dataset_sources(db: sqlite3.Connection, old: Path, new: Path) -> i
         if moved != parsed:
             db.execute("UPDATE datasets SET dataset_source = ? WHERE rowid = ?", (json.dumps(moved), rowid))
             count += 1
+    return count
+
+
+def _relocate_data_tags(db: sqlite3.Connection, old: Path, new: Path) -> int:
+    """Rewrite the `uri` of the training-data references (run tags `audit.data.<split>`, JSON; the
+    source audits read first) that lie under `old`: the demos keep their data in the workdir."""
+    count = 0
+    prefix = DATA_SOURCE.split("{")[0]
+    for rowid, value in db.execute("SELECT rowid, value FROM tags WHERE key LIKE ?", (prefix + "%",)).fetchall():
+        try:
+            parsed = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(parsed, dict) and isinstance(parsed.get("uri"), str):
+            moved = _moved(parsed["uri"], old, new)
+            if moved != parsed["uri"]:
+                db.execute("UPDATE tags SET value = ? WHERE rowid = ?", (json.dumps({**parsed, "uri": moved}), rowid))
+                count += 1
     return count
 
 

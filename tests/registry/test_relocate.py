@@ -75,3 +75,23 @@ def test_relocate_leaves_a_store_in_place_and_other_locations_alone(mlflow_store
     elsewhere = client.create_experiment("remote", artifact_location="s3://bucket/artifacts")
     assert client.get_experiment(elsewhere).artifact_location == "s3://bucket/artifacts"
     assert relocate(mlflow_store).total == 0
+
+
+def test_training_data_referenced_inside_the_workdir_follows_the_copy(mlflow_store, tmp_path):
+    from registry_hooks.lineage import log_training_reference, recover_training_data
+
+    data = mlflow_store / "data"
+    data.mkdir()
+    frame = pd.DataFrame({"example_id": ["a", "b"], "pixels": [[0.0] * 64, [1.0] * 64], "label": [0, 1]})
+    frame.to_parquet(data / "train.parquet")
+    frame.to_parquet(data / "validation.parquet")
+    with mlflow.start_run() as run:
+        log_training_reference(data / "train.parquet", data / "validation.parquet")
+    copy = tmp_path / "copied-workdir"
+    shutil.copytree(mlflow_store, copy)
+    assert relocate(copy).rewritten["tags.audit.data"] == 2
+
+    shutil.rmtree(mlflow_store)
+    use_store(copy)
+    recovered = recover_training_data(run.info.run_id, ModelSpec((1, 8, 8), 2))
+    assert recovered.train.ids == ("a", "b") and recovered.validation.labels.tolist() == [0, 1]
