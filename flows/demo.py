@@ -14,6 +14,7 @@ import torch
 
 from audit.demo.digits import NUM_CLASSES, DigitsSplits, load_digits_splits
 from audit.demo.models import SmallResNet
+from audit.errors import InvalidInput
 from audit.flagged import flagged_frame, write_batch
 from audit.training import TrainConfig, accuracy, predict_logits, train
 from flows.audit_flow import AuditResult, audit
@@ -106,10 +107,19 @@ def simulate_production(model_version: str, splits: DigitsSplits, inbox: Path) -
     loaded = load_version(resolve_version(MODEL_NAME, version=model_version), allow_pickle=True)  # the demo's own
     predicted = predict_logits(loaded.model, splits.production.inputs).argmax(1)
     wrong = (predicted != splits.production.labels).nonzero().flatten().tolist()
+    if not wrong:
+        raise_nothing_flagged(MODEL_NAME, model_version, len(splits.production))
     flagged = splits.production.subset(wrong)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     write_batch(flagged_frame(flagged, predicted[wrong], source="demo-production"), inbox / f"flagged-{stamp}.parquet")
     return len(splits.production), len(wrong)
+
+
+def raise_nothing_flagged(model_name: str, version: str, n_production: int) -> None:
+    """InvalidInput, one sentence: the champion got every production example right, so a demo has
+    no flagged batch to audit (an empty batch would only be quarantined)."""
+    raise InvalidInput(f"Version {version} of {model_name} predicts all {n_production} production examples right, "
+                       "so there is nothing to audit; train for fewer epochs or with more label noise.")
 
 
 def run_demo(workdir: Path, noise_rate: float = 0.1, seed: int = 0, epochs: int = 40,

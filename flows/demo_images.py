@@ -46,6 +46,7 @@ from flows.demo import (
     cost_line,
     log_cost,
     pinned_threads,
+    raise_nothing_flagged,
     start_prefect,
 )
 from flows.settings import AuditSettings, CorrectionSettings, GateSettings, StoreSettings
@@ -200,8 +201,7 @@ def run_image_demo(workdir: Path, *, seed: int = 0, epochs: int = 15, method: st
     predicted = predict_logits(loaded.model, loaded.spec.table(production).inputs).argmax(1)
     flagged = flagged_image_frame(production, predicted, source="demo-production")
     if flagged.empty:
-        raise InvalidInput(f"Version {version} of {MODEL_NAME} predicts all {len(production)} production pictures "
-                           "right, so there is nothing to audit; train for fewer epochs or with more label noise.")
+        raise_nothing_flagged(MODEL_NAME, version, len(production))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     write_batch(flagged, workdir / "inbox" / f"flagged-{stamp}.parquet")
 

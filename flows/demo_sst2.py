@@ -27,7 +27,15 @@ from audit.flagged import write_batch
 from audit.training import accuracy, predict_logits
 from flows.audit_flow import AuditResult, audit
 from flows.correct_flow import CorrectionResult, correct
-from flows.demo import TRAIN_THREADS, correction_lines, cost_line, log_cost, pinned_threads, start_prefect
+from flows.demo import (
+    TRAIN_THREADS,
+    correction_lines,
+    cost_line,
+    log_cost,
+    pinned_threads,
+    raise_nothing_flagged,
+    start_prefect,
+)
 from flows.settings import AuditSettings, CorrectionSettings, GateSettings, StoreSettings
 from registry_hooks.audit_log import log_metrics, log_training_run, mlflow_run
 from registry_hooks.lineage import log_label_noise, log_training_reference
@@ -142,6 +150,8 @@ def simulate_production(model_version: str, production: pd.DataFrame, inbox: Pat
     table = loaded.spec.table(production)
     predicted = predict_logits(loaded.model, table.inputs).argmax(1)
     wrong = (predicted != table.labels).nonzero().flatten().tolist()
+    if not wrong:
+        raise_nothing_flagged(MODEL_NAME, model_version, len(production))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     frame = flagged_text_frame(production.iloc[wrong], predicted[wrong], source="demo-production")
     write_batch(frame, inbox / f"flagged-{stamp}.parquet")
