@@ -37,6 +37,24 @@ def attention_bias(input_ids: torch.Tensor, pad_token_id: int, dtype: torch.dtyp
     return padding * torch.finfo(dtype).min
 
 
+def padding_token(model: nn.Module) -> int | None:
+    """The pad token id a `TextClassifier` masks, None for any other model."""
+    return model.pad_token_id if isinstance(model, TextClassifier) else None
+
+
+def trim_padding(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Token ids [B, L] without the trailing columns that are padding in every row: [B, L'] with
+    L' >= 1. A TextClassifier gives the same logits for both (padding is masked), and passes over
+    short sentences padded to a long max_length get several times cheaper."""
+    used = (input_ids != pad_token_id).any(dim=0).nonzero()
+    return input_ids[:, : int(used.max()) + 1 if len(used) else 1]
+
+
+def token_counts(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Non-padding tokens per row of [B, L]: [B] int64 (for grouping sentences of similar length)."""
+    return (input_ids != pad_token_id).sum(dim=1)
+
+
 class TextClassifier(nn.Module):
     """`model` (a transformers model for sequence classification, `.model`) applied to token ids
     [B, L] with padding `pad_token_id` masked out; returns logits [B, C] in the model's dtype.

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from audit.influence.context import Context
 
 
-def _update(h: hashlib._Hash, t: torch.Tensor) -> None:
+def hash_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes into the hash `h`."""
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
@@ -39,21 +40,26 @@ def data_digest(data: Dataset, progress: bool = False) -> str:
         if isinstance(x, Mapping):
             for k in sorted(x):
                 h.update(k.encode())
-                _update(h, torch.as_tensor(x[k]))
+                hash_tensor(h, torch.as_tensor(x[k]))
         else:
-            _update(h, torch.as_tensor(x))
+            hash_tensor(h, torch.as_tensor(x))
         h.update(str(int(y)).encode())
     return h.hexdigest()
+
+
+def hash_model(h: hashlib._Hash, ctx: Context) -> None:
+    """Feed the selected parameter layout and every parameter and buffer of `ctx` into `h`."""
+    h.update(repr([(n, tuple(s)) for n, s in zip(ctx.space.names, ctx.space.shapes, strict=True)]).encode())
+    for name, t in sorted({**ctx.grads.frozen, **ctx.grads.selected}.items()):
+        h.update(name.encode())
+        hash_tensor(h, t)
 
 
 def curvature_key(ctx: Context, data: Dataset) -> str:
     """Key of a fitted curvature: options, selected parameter layout, model state, data."""
     h = hashlib.sha256()
     h.update(ctx.config.curvature_key().encode())
-    h.update(repr([(n, tuple(s)) for n, s in zip(ctx.space.names, ctx.space.shapes, strict=True)]).encode())
-    for name, t in sorted({**ctx.grads.frozen, **ctx.grads.selected}.items()):
-        h.update(name.encode())
-        _update(h, t)
+    hash_model(h, ctx)
     h.update(data_digest(data, ctx.progress).encode())
     return h.hexdigest()
 

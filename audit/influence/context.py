@@ -80,12 +80,16 @@ class Context:
         `gradient_rows` examples when the pass forms per-example gradients, else `batch_size`."""
         size = self.gradient_rows if per_example else self.config.batch_size
         for inputs, labels in batches(data, size, self.device, desc, self.progress):
-            if labels.min().item() < 0 or labels.max().item() >= self.num_classes:
-                raise InvalidInput(
-                    f"Labels must lie in [0, {self.num_classes}) for a model with {self.num_classes} logits; "
-                    f"found labels from {labels.min().item()} to {labels.max().item()}."
-                )
+            self.check_labels(labels)
             yield inputs, labels
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        """InvalidInput unless every label lies in [0, num_classes)."""
+        if len(labels) and (labels.min().item() < 0 or labels.max().item() >= self.num_classes):
+            raise InvalidInput(
+                f"Labels must lie in [0, {self.num_classes}) for a model with {self.num_classes} logits; "
+                f"found labels from {labels.min().item()} to {labels.max().item()}."
+            )
 
     @property
     def dtype(self) -> torch.dtype:

@@ -74,3 +74,41 @@ def top_influences(scores: torch.Tensor, k: int) -> TopInfluences:
         torch.gather(scores, 1, order_asc),
         ranks,
     )
+
+
+class StreamingTop:
+    """`top_influences` of a [Q, N] score matrix that arrives in column chunks, in order, holding
+    only [Q, 2k] scores at a time: `add(chunk)` for each [Q, r] chunk, then `result()`. Gives the
+    same indices as `top_influences` of the whole matrix, ties included."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise InvalidInput(f"k must be >= 1; got {k}.")
+        self.k = k
+        self.seen = 0
+        self._best: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scores, indices) per side
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """Fold in the next columns [Q, r] of the score matrix."""
+        if not torch.isfinite(chunk).all():
+            raise InvalidInput("scores contain NaN or inf; recompute them (or raise damping) before ranking.")
+        idx = torch.arange(self.seen, self.seen + chunk.shape[1], device=chunk.device).expand(chunk.shape[0], -1)
+        self.seen += chunk.shape[1]
+        sides = []
+        for side, descending in enumerate((True, False)):
+            scores, indices = chunk, idx
+            if self._best:
+                # earlier columns first: a stable sort then keeps the lower index first under ties
+                scores = torch.cat([self._best[side][0], chunk], dim=1)
+                indices = torch.cat([self._best[side][1], idx], dim=1)
+            order = torch.sort(scores, dim=1, descending=descending, stable=True).indices[:, : self.k]
+            sides.append((torch.gather(scores, 1, order), torch.gather(indices, 1, order)))
+        self._best = sides
+
+    def result(self) -> TopInfluences:
+        if not self._best:
+            raise InvalidInput("No scores were added; the training set is empty.")
+        (pro_s, pro_i), (opp_s, opp_i) = self._best
+        q, k = pro_i.shape
+        ranks = torch.arange(1, k + 1, device=pro_i.device).expand(q, k).clone()
+        return TopInfluences(pro_i, pro_s, opp_i, opp_s, ranks)

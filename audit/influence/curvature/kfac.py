@@ -87,8 +87,9 @@ def find_layers(model: nn.Module, space: ParamSpace) -> list[tuple[Layer, nn.Mod
     return found
 
 
-def _activations(m: nn.Module, layer: Layer, a: torch.Tensor) -> torch.Tensor:
-    """Layer input -> [B, positions, width] float64 (a 1 appended for the bias)."""
+def layer_inputs(m: nn.Module, layer: Layer, a: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Layer input -> [B, positions, width] in `dtype` (a 1 appended for the bias); Conv2d inputs
+    become their unfolded patches, Linear inputs [B, *, in] their positions."""
     if isinstance(m, nn.Conv2d):
         padding = m.padding
         if padding == "same":
@@ -98,20 +99,20 @@ def _activations(m: nn.Module, layer: Layer, a: torch.Tensor) -> torch.Tensor:
         a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride).transpose(1, 2)
     else:
         a = a.reshape(a.shape[0], -1, a.shape[-1])
-    a = a.to(torch.float64)
+    a = a.to(dtype)
     if layer.bias is not None:
         a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=-1)
     return a
 
 
-def _output_grads(m: nn.Module, ds: torch.Tensor) -> torch.Tensor:
-    """d output -> [B, positions, out] float64."""
+def layer_output_grads(m: nn.Module, ds: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """d output -> [B, positions, out] in `dtype`, positions matching `layer_inputs`."""
     if isinstance(m, nn.Conv2d):
-        return ds.reshape(ds.shape[0], ds.shape[1], -1).transpose(1, 2).to(torch.float64)
-    return ds.reshape(ds.shape[0], -1, ds.shape[-1]).to(torch.float64)
+        return ds.reshape(ds.shape[0], ds.shape[1], -1).transpose(1, 2).to(dtype)
+    return ds.reshape(ds.shape[0], -1, ds.shape[-1]).to(dtype)
 
 
-def _position_weights(inputs, a: torch.Tensor) -> torch.Tensor:
+def position_weights(inputs, a: torch.Tensor) -> torch.Tensor:
     """[B, positions] weights for A: an attention mask of matching shape drops padding tokens."""
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if mask is not None and mask.dim() == 2 and a.shape[1] > 1 and tuple(mask.shape) == tuple(a.shape[:2]):
@@ -202,8 +203,8 @@ def _fit_factors(ctx: Context, data: Dataset, n: int, found, generator):
             outputs, owners = [], []
             for i, (layer, m) in enumerate(found):
                 for a, output in calls[i]:
-                    act = _activations(m, layer, a)
-                    w = _position_weights(inputs, act)
+                    act = layer_inputs(m, layer, a)
+                    w = position_weights(inputs, act)
                     a_sum[i] += torch.einsum("bt,btd,bte->de", w, act, act)
                     positions[i] += w.sum().item()
                     if output.requires_grad:
@@ -216,7 +217,7 @@ def _fit_factors(ctx: Context, data: Dataset, n: int, found, generator):
                 )
                 for i, ds in zip(owners, ds_all, strict=True):
                     if ds is not None:
-                        s = _output_grads(found[i][1], ds)
+                        s = layer_output_grads(found[i][1], ds)
                         s_sum[i] += torch.einsum("btd,bte->de", s, s)
     finally:
         for h in handles:

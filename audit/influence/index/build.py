@@ -1,0 +1,178 @@
+"""Building the index: one pass over the training data, shard by shard.
+
+Per batch, one forward pass and one batched backward pass give each example's projected loss
+gradient (stored) and its projected Gauss-Newton factors (summed into the shard's curvature,
+then dropped). A shard already stored under the same model state, options and examples is reused,
+so rebuilding after the training data grew computes only the new shards, and an interrupted build
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from audit.influence.batches import Inputs, collate, dataset_size, to_device
+from audit.influence.cache import hash_model, hash_tensor
+from audit.influence.config import InfluenceConfig
+from audit.influence.context import Context, evaluation, make_context
+from audit.influence.gradients import gn_cotangents, loss_cotangents
+from audit.influence.index.config import IndexConfig
+from audit.influence.index.curvature import ShardSums, block_sums
+from audit.influence.index.projection import KroneckerSums, Projector, indexed_layers, make_projections
+from audit.influence.index.store import IndexFolder, ShardMeta
+from audit.influence.params import ParamFilter
+from audit.text_classifier import padding_token, token_counts, trim_padding
+
+
+@dataclass(frozen=True)
+class BuildStats:
+    """What a build did: shards computed and shards reused from an earlier build."""
+
+    computed: int
+    reused: int
+
+
+def _engine_config(config: IndexConfig) -> InfluenceConfig:
+    # the Context's batching and label sampling, with the index's options
+    return InfluenceConfig(method="graddot", batch_size=config.batch_size, fisher_samples=config.fisher_samples,
+                           max_exact_classes=config.max_exact_classes, seed=config.seed)
+
+
+@contextlib.contextmanager
+def model_context(model: nn.Module, data: Dataset, config: IndexConfig, device, progress: bool,
+                  param_filter: ParamFilter) -> Iterator[Context]:
+    """The engine's Context for `model` in eval mode, for the duration."""
+    with evaluation(model):
+        yield make_context(model, data, _engine_config(config), device, progress, param_filter)
+
+
+def model_key(ctx: Context, config: IndexConfig) -> str:
+    """SHA-256 of the options the rows depend on, the selected layout and the model's whole state."""
+    h = hashlib.sha256(config.key().encode())
+    hash_model(h, ctx)
+    return h.hexdigest()
+
+
+def examples_digest(inputs: Inputs, labels: torch.Tensor) -> str:
+    """SHA-256 of a block of collated examples (inputs and labels)."""
+    h = hashlib.sha256()
+    if isinstance(inputs, dict):
+        for k in sorted(inputs):
+            h.update(k.encode())
+            hash_tensor(h, inputs[k])
+    else:
+        hash_tensor(h, inputs)
+    hash_tensor(h, labels)
+    return h.hexdigest()
+
+
+def ordered_batches(inputs: Inputs, labels: torch.Tensor, batch_size: int, pad: int | None
+                    ) -> Iterator[tuple[torch.Tensor, Inputs, torch.Tensor]]:
+    """(positions, inputs, labels) batches covering every row once. Token ids of a TextClassifier
+    (`pad` its pad token) go shortest first with their common padding trimmed: the same gradients
+    for a fraction of the work on short sentences."""
+    n = len(labels)
+    text = pad is not None and isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and not inputs.is_floating_point()
+    order = torch.argsort(token_counts(inputs, pad), stable=True) if text else torch.arange(n)
+    for start in range(0, n, batch_size):
+        pos = order[start : start + batch_size]
+        if isinstance(inputs, dict):
+            x: Inputs = {k: v[pos] for k, v in inputs.items()}
+        else:
+            x = inputs[pos]
+            if text:
+                x = trim_padding(x, pad)
+        yield pos, x, labels[pos]
+
+
+def shard_gradients(projector: Projector, inputs: Inputs, labels: torch.Tensor, seed: int, desc: str
+                    ) -> tuple[torch.Tensor, ShardSums]:
+    """One shard: projected loss gradients [R, D] (model dtype, CPU) and its curvature statistics
+    (ShardSums, from the projected Gauss-Newton factors). `seed` draws its sampled labels (from the
+    shard's content, so a shard's numbers do not depend on which other shards were built, or where)."""
+    from tqdm.auto import tqdm
+
+    ctx = projector.ctx
+    ctx.check_labels(labels)
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.empty(len(labels), projector.dim, dtype=ctx.dtype)
+    sums = [torch.zeros(d, d, dtype=torch.float64) for d in projector.blocks]
+    kron: list[KroneckerSums] | None = None
+    pad = padding_token(ctx.model)
+    steps = ordered_batches(inputs, labels, ctx.config.batch_size, pad)
+    total = -(-len(labels) // ctx.config.batch_size)
+    for pos, x, y in tqdm(steps, total=total, desc=desc, disable=not ctx.progress, leave=False):
+        x, y = to_device(x, ctx.device), y.to(ctx.device)
+        noise = ctx.fisher_noise(len(y), generator)
+
+        def cotangents(z: torch.Tensor, y=y, noise=noise) -> torch.Tensor:
+            loss = loss_cotangents(z, y).transpose(0, 1)  # [1, B, C]
+            return torch.cat([loss, gn_cotangents(z, y, noise).transpose(0, 1)])  # [1 + K, B, C]
+
+        g, factors = projector(x, cotangents, factors=True)  # [1 + K, B, D]
+        out[pos] = g[0].cpu()
+        for total_sum, part in zip(sums, block_sums(g[1:].reshape(-1, projector.dim), projector.blocks), strict=True):
+            total_sum += part.cpu()
+        # the loss cotangent (k = 0) is not a Gauss-Newton factor
+        batch = [KroneckerSums(f.inputs.cpu(), f.positions, f.outputs[1:].sum(0, keepdim=True).cpu()) for f in factors]
+        kron = batch if kron is None else [a + b for a, b in zip(kron, batch, strict=True)]
+    return out, ShardSums(sums, kron)
+
+
+DEFAULT_CONFIG = IndexConfig()
+
+
+def build_index(model: nn.Module, train: Dataset, root: str | os.PathLike, config: IndexConfig = DEFAULT_CONFIG,
+                param_filter: ParamFilter = None, device=None, progress: bool = True,
+                metadata: dict | None = None):
+    """The gradient index of `train` (a map-style dataset of `(inputs, label)`) for `model` at its
+    current parameters, under `root`; built where missing, reused where stored. Returns a
+    `GradientIndex` (audit.influence.index.query) with `stats` saying what was computed.
+
+    Covers the selected Linear/Conv2d layers (`param_filter` as in the engine); other selected
+    parameters (norms, embeddings) are left out. `metadata` (e.g. the registered model's name and
+    version) is recorded in the index's header when the folder is created."""
+    from audit.influence.index.query import GradientIndex
+
+    n = dataset_size(train, "train")
+    with model_context(model, train, config, device, progress, param_filter) as ctx:
+        found = indexed_layers(model, ctx)
+        key = model_key(ctx, config)
+        folder = IndexFolder(Path(root) / key[:24])
+        if not folder.exists():
+            projections = make_projections([layer for layer, _ in found], config)
+            header = {"model_key": key, "config": config.key(), "params": list(ctx.space.names),
+                      "layers": [vars(p.layer) for p in projections], "blocks": [p.dim for p in projections],
+                      "dtype": str(ctx.dtype).removeprefix("torch."), "metadata": metadata or {}}
+            folder.create(header, projections)
+        projector = Projector(ctx, found, folder.projections())
+        shards: list[ShardMeta] = []
+        computed = 0
+        starts = range(0, n, config.shard_rows)
+        for number, start in enumerate(starts):
+            inputs, labels = collate([train[i] for i in range(start, min(n, start + config.shard_rows))])
+            digest = examples_digest(inputs, labels)[:32]
+            stored = folder.shard_meta(digest)
+            if stored is None:
+                rows, sums = shard_gradients(projector, inputs, labels, config.seed ^ int(digest[:8], 16),
+                                             f"index: shard {number + 1}/{len(starts)}")
+                storage = np.float16 if config.storage == "float16" else np.float32
+                stored_meta = folder.write_shard(digest, rows.numpy().astype(storage, copy=False), sums)
+                computed += 1
+            else:
+                stored_meta = stored[0]
+            shards.append(stored_meta)
+    data_digest = hashlib.sha256("".join(s.digest for s in shards).encode()).hexdigest()[:32]
+    folder.write_data(data_digest, shards)
+    index = GradientIndex.open(folder, data_digest, config)
+    return replace(index, stats=BuildStats(computed, len(shards) - computed))
