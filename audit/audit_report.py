@@ -15,7 +15,6 @@ import torch
 
 from audit.examples import ExampleTable
 from audit.findings import AuditFindings
-from audit.influence import top_influences
 from audit.report_page import Section, example_cell, image_grid, render_page, shows_pictures
 from audit.verdict import StoreArgs, Verdict, cli_command
 
@@ -89,7 +88,7 @@ def flagged_rows(findings: AuditFindings, per_side: int = 3) -> pd.DataFrame:
     """One row per flagged example for the report: its picture, id, the reviewer's label, the
     model's prediction, its `per_side` most harmful and most helpful training examples (pictures
     captioned "id: label") and the suspects among those harmful ones."""
-    top = top_influences(findings.scores, per_side)
+    top = findings.top.head(per_side)
     suspects = set(findings.candidates["train_id"])
     rows = []
     for q, query_id in enumerate(findings.flagged.ids):
@@ -107,7 +106,7 @@ def proponent_grid(findings: AuditFindings, per_side: int = 4, max_rows: int = 2
     reviewer's label and the model's prediction, then its `per_side` most harmful (-) and most
     helpful (+) training images. For picture inputs only (report_page.shows_pictures)."""
     shown = min(len(findings.flagged), max_rows)
-    top = top_influences(findings.scores[:shown], per_side)
+    top = findings.top.queries(slice(0, shown)).head(per_side)
     flagged, train = findings.flagged, findings.train
     images, captions = [], []
     for q in range(shown):

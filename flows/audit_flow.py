@@ -27,7 +27,7 @@ from audit.examples import ExampleTable
 from audit.findings import AuditFindings, build_findings
 from audit.flagged import batch_digest, flagged_table, read_batch
 from audit.inbox import claim_batch, claim_digest, claimed_files, move_files, recovery_for, requeue, stale_claims
-from audit.influence import influence_scores, self_influence
+from audit.scoring import FlaggedScores, ScoreBlocks, score_flagged
 from audit.validation import BatchValidation, validate_flagged_frame
 from audit.verdict import StoreArgs, Verdict
 from flows.artifacts import publish_outcome
@@ -130,20 +130,18 @@ def recover_training(run_id: str, spec: ModelSpec) -> TrainingData:
 
 
 @task(cache_policy=NO_CACHE)
-def score_queries(model: torch.nn.Module, train: ExampleTable, flagged: ExampleTable, method: str, cache_dir: Path,
-                  progress: bool):
+def score_queries(loaded: LoadedModel, train: ExampleTable, flagged: ExampleTable, method: str, cache_dir: Path,
+                  progress: bool) -> FlaggedScores:
     """Influence [Q, N] of every training example on every flagged example, and self-influence [N].
-    The fitted curvature is cached in `cache_dir` (keyed by model, data and method), so the
-    second call and later audits of the same version reuse it. `progress`: bars on stderr."""
-    scores = influence_scores(model, train.dataset(), flagged.dataset(), method=method, cache_dir=cache_dir,
-                              progress=progress)
-    self_scores = self_influence(model, train.dataset(), method=method, cache_dir=cache_dir, progress=progress)
-    return scores, self_scores
+    What later audits of the same version reuse (fitted curvature, gradient index) is kept in
+    `cache_dir`, keyed by model, data and options. `progress`: bars on stderr."""
+    return score_flagged(loaded.model, train.dataset(), flagged.dataset(), method, cache_dir, progress,
+                         metadata={"model_name": loaded.name, "model_version": loaded.version})
 
 
 @task(cache_policy=NO_CACHE)
 def build(settings: AuditSettings, loaded: LoadedModel, training: TrainingData, flagged: ExampleTable,
-          predicted: torch.Tensor, scores: torch.Tensor, self_scores: torch.Tensor) -> AuditFindings:
+          predicted: torch.Tensor, scores: ScoreBlocks, self_scores: torch.Tensor) -> AuditFindings:
     """The findings: influence and self-influence tables and the correction candidates."""
     return build_findings(loaded.model, loaded.name, loaded.version, settings.method, training.train, flagged,
                           predicted, scores, self_scores, settings.top_k)
@@ -151,12 +149,14 @@ def build(settings: AuditSettings, loaded: LoadedModel, training: TrainingData, 
 
 @task(cache_policy=NO_CACHE)
 def log_audit(settings: AuditSettings, findings: AuditFindings, training: TrainingData, frame: pd.DataFrame,
-              digest: str, validation: BatchValidation, store: StoreSettings) -> AuditResult:
+              digest: str, validation: BatchValidation, store: StoreSettings, index: dict | None) -> AuditResult:
     """One MLflow run tagged per DESIGN.md with the findings, the report and the audited batch
-    (`frame`, its files embedded), tagged with `digest`, the claimed batch's as the inbox read it."""
+    (`frame`, its files embedded), tagged with `digest`, the claimed batch's as the inbox read it;
+    `index`: the gradient index the scores came from (GradientIndex.describe()), if any."""
     tags = RunTags(findings.model_name, findings.model_version, "audit", digest)
     params = {"method": settings.method, "top_k": settings.top_k, "n_flagged": len(findings.flagged),
-              "n_train": len(findings.train), "train_digest": training.digests["train"]}
+              "n_train": len(findings.train), "train_digest": training.digests["train"],
+              **audit_log.index_params(index)}
     with audit_log.mlflow_run(f"audit {findings.model_name} v{findings.model_version}", tags) as run_id, \
             tempfile.TemporaryDirectory() as tmp:
         verdict = audit_verdict(findings, run_id, StoreArgs(store.workdir, store.tracking_uri, store.allow_pickle))
@@ -182,10 +182,10 @@ def audit(store: StoreSettings, settings: AuditSettings) -> AuditResult:
     loaded = load_model(ref, store.allow_pickle)
     flagged, predicted = flagged_table(frame, loaded.spec.table)  # after loading: text needs its tokenizer
     training = recover_training(ref.run_id, loaded.spec)  # text data is tokenized with the loaded tokenizer
-    scores, self_scores = score_queries(loaded.model, training.train, flagged, settings.method,
-                                        store.workdir / "cache" / "influence", settings.progress)
-    findings = build(settings, loaded, training, flagged, predicted, scores, self_scores)
-    result = log_audit(settings, findings, training, frame, digest, validation, store)
+    scored = score_queries(loaded, training.train, flagged, settings.method, store.workdir / "cache" / "influence",
+                           settings.progress)
+    findings = build(settings, loaded, training, flagged, predicted, scored.scores, scored.self_scores)
+    result = log_audit(settings, findings, training, frame, digest, validation, store, scored.index)
     move_files(files, store.workdir / "processed" / result.run_id)
     publish_outcome("audit", f"Audit of {result.model_name} version {result.model_version}", result.verdict,
                     audit_log.run_links(result.run_id, "audit/report.html"), suspects_table(findings.candidates))

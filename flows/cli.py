@@ -20,8 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Audit and repair classifiers registered in MLflow.")
 
 # flows.settings: AUDIT_METHODS, CORRECTION_METHODS; audit.correction: STRATEGIES, CANDIDATES_BY_NAME.
-AUDIT_METHODS = ("ekfac", "kfac", "arnoldi", "exact", "graddot")
-CORRECTION_METHODS = (*AUDIT_METHODS, "gradcos")
+AUDIT_METHODS = ("ekfac", "kfac", "arnoldi", "exact", "graddot", "index")
+CORRECTION_METHODS = ("ekfac", "kfac", "arnoldi", "exact", "graddot", "gradcos")
 STRATEGIES = ("reinforce", "relabel", "unlearn")
 CANDIDATES = ("relabel", "unlearn-gentle", "relabel-wide", "relabel-wide-gentle", "relabel-reinforce")
 # registry_hooks.model_io.ALLOW_PICKLE_ENV (the refusal names it).

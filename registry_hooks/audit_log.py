@@ -120,6 +120,16 @@ def log_audit(findings: AuditFindings, params: dict[str, object], frame: pd.Data
     log_files(files)
 
 
+def index_params(index: dict | None) -> dict[str, object]:
+    """Run params that say which gradient index an audit's scores came from (none without one):
+    its rows, columns, ranks, damping and folder under the workdir's cache."""
+    if index is None:
+        return {}
+    config = index["config"]
+    return {"index_rows": index["rows"], "index_dim": index["dim"], "index_rank_in": config["rank_in"],
+            "index_rank_out": config["rank_out"], "index_damping": index["damping"], "index_folder": index["folder"]}
+
+
 @contextmanager
 def mlflow_run(name: str, run_tags: RunTags | None = None):
     """An MLflow run named `name` (with `run_tags`), active inside the block; yields its id."""

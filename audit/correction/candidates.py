@@ -7,6 +7,7 @@ query q's loss at the reviewer's label; harmful = most negative.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
@@ -30,13 +31,14 @@ class Evidence:
 
 def harmful_label_matches(
     scores: torch.Tensor, train_labels: torch.Tensor, predicted: torch.Tensor, k: int,
-    eligible: torch.Tensor | None = None,
+    eligible: torch.Tensor | None = None, query_offset: int = 0,
 ) -> dict[int, list[Evidence]]:
     """For each query q, the `k` most harmful training examples (score < 0) whose label equals the
     wrong prediction `predicted[q]`; returns train position -> evidence from every query naming it.
 
     `scores` [Q, N], `train_labels` [N], `predicted` [Q], `eligible` optional bool [N] mask.
-    Ranks count all N training examples (1 = most negative score of the query).
+    Ranks count all N training examples (1 = most negative score of the query). Evidence names
+    query `query_offset + q` (scores of a block of queries that starts there).
     """
     found: dict[int, list[Evidence]] = {}
     order = torch.argsort(scores, dim=1)  # [Q, N], most harmful first
@@ -47,7 +49,7 @@ def harmful_label_matches(
             match &= eligible[row]
         for rank0 in match.nonzero().flatten()[:k].tolist():
             i = int(row[rank0])
-            found.setdefault(i, []).append(Evidence(q, float(scores[q, i]), rank0 + 1))
+            found.setdefault(i, []).append(Evidence(query_offset + q, float(scores[q, i]), rank0 + 1))
     return found
 
 
@@ -121,11 +123,29 @@ def propose_corrections(
         raise InvalidInput(f"self_scores must have shape [{n}]; found {list(self_scores.shape)}.")
     if train_probs is not None and train_probs.shape[0] != n:
         raise InvalidInput(f"train_probs must have one row per training example ({n}); found {train_probs.shape[0]}.")
-    wrong = predicted != flagged.labels  # only real mispredictions carry relabel evidence
-    masked = scores.clone()
-    masked[~wrong] = 0.0  # score 0 never counts as harmful
-    found = harmful_label_matches(masked, train.labels, predicted, k)
+    found = relabel_evidence(scores, train.labels, flagged.labels, predicted, k)
+    return candidates_from_evidence(found, train, flagged, self_scores, train_probs, min_confidence=min_confidence,
+                                    review_z=review_z, max_review=max_review)
 
+
+def relabel_evidence(scores: torch.Tensor, train_labels: torch.Tensor, reviewer: torch.Tensor, predicted: torch.Tensor,
+                     k: int, query_offset: int = 0) -> dict[int, list[Evidence]]:
+    """`harmful_label_matches` of the queries the model really gets wrong (`predicted` [Q] differs
+    from the `reviewer` labels [Q]); the others carry no relabel evidence. `scores` [Q, N] may be a
+    block of queries starting at `query_offset`."""
+    masked = scores.clone()
+    masked[predicted == reviewer] = 0.0  # score 0 never counts as harmful
+    return harmful_label_matches(masked, train_labels, predicted, k, query_offset=query_offset)
+
+
+def candidates_from_evidence(
+    found: dict[int, list[Evidence]], train: ExampleTable, flagged: ExampleTable, self_scores: torch.Tensor | None,
+    train_probs: torch.Tensor | Mapping[int, torch.Tensor] | None, *, min_confidence: float = 0.5,
+    review_z: float = 3.5, max_review: int = 20,
+) -> pd.DataFrame:
+    """The candidates table of `propose_corrections` from its relabel evidence (`relabel_evidence`,
+    merged over blocks of queries). `train_probs`: the model's probabilities [C] of each training
+    position in `found`, as an [N, C] tensor or a mapping from position (only those are read)."""
     rows = []
     for i, evidence in sorted(found.items(), key=lambda item: min(e.score for e in item[1])):
         evidence = sorted(evidence, key=lambda e: e.score)

@@ -26,6 +26,22 @@ class TopInfluences:
     opponent_scores: torch.Tensor  # [Q, k]
     ranks: torch.Tensor  # [Q, k] int64, 1..k
 
+    def head(self, k: int) -> TopInfluences:
+        """The first `k` ranks of every query (all of them when k is larger)."""
+        return TopInfluences(self.proponents[:, :k], self.proponent_scores[:, :k], self.opponents[:, :k],
+                             self.opponent_scores[:, :k], self.ranks[:, :k])
+
+    def queries(self, rows: slice) -> TopInfluences:
+        """The queries at `rows`."""
+        return TopInfluences(self.proponents[rows], self.proponent_scores[rows], self.opponents[rows],
+                             self.opponent_scores[rows], self.ranks[rows])
+
+    @staticmethod
+    def stack(parts: list[TopInfluences]) -> TopInfluences:
+        """The queries of `parts` in order (blocks of queries ranked separately, same k)."""
+        return TopInfluences(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                               ("proponents", "proponent_scores", "opponents", "opponent_scores", "ranks")))
+
     def records(
         self, query_ids: list[str] | None = None, train_ids: list[str] | None = None
     ) -> list[dict[str, object]]:

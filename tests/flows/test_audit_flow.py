@@ -142,3 +142,25 @@ def test_batches_of_runs_that_died_are_audited_once(prefect_harness, registered)
     assert client.get_run(half.info.run_id).info.status == "FAILED"
     assert second.n_flagged == len(partial) and second.run_id != half.info.run_id
     assert not any((workdir / "claims").iterdir())
+
+
+def test_an_audit_with_the_gradient_index_builds_it_once_per_version(prefect_harness, registered):
+    workdir, frame = registered
+    store = StoreSettings(workdir=workdir, allow_pickle=True)
+    write_batch(frame.iloc[:3], workdir / "inbox" / "first.parquet")
+    first = audit(store, AuditSettings(model_name="m", top_k=5, method="index"))
+    params = MlflowClient().get_run(first.run_id).data.params
+    assert params["method"] == "index" and int(params["index_rows"]) == 300 and int(params["index_dim"]) > 0
+    shards = sorted((workdir / "cache" / "influence" / "index").rglob("shards/*.npy"))
+    assert shards and params["index_folder"].startswith(str(workdir / "cache" / "influence" / "index"))
+    built = [p.stat().st_mtime_ns for p in shards]
+
+    write_batch(frame.iloc[3:], workdir / "inbox" / "second.parquet")
+    second = audit(store, AuditSettings(model_name="m", top_k=5, method="index"))
+    # the second audit of the version reads the index the first one built
+    assert sorted((workdir / "cache" / "influence" / "index").rglob("shards/*.npy")) == shards
+    assert [p.stat().st_mtime_ns for p in shards] == built
+    table = load_table(second.run_id, "influence")
+    assert len(table) == (len(frame) - 3) * 2 * 5
+    assert (table[table.role == "helpful"].score > 0).mean() > 0.9
+    assert (table[table.role == "harmful"].score < 0).mean() > 0.9

@@ -6,7 +6,7 @@ import sys
 LIBRARY_MODULES = ["audit", "audit.examples", "audit.demo.digits", "audit.demo.models", "audit.training",
                    "audit.influence", "audit.correction", "audit.gates", "audit.flagged",
                    "audit.validation", "audit.findings", "audit.report_page", "audit.audit_report",
-                   "audit.correction.report", "audit.verdict"]
+                   "audit.correction.report", "audit.verdict", "audit.scoring", "audit.influence.index"]
 
 
 def test_library_imports_no_orchestration_or_tracking_client():

@@ -123,6 +123,12 @@ class GradientIndex:
         for chunk in self.rows():
             yield left @ chunk.T  # [Q, r]
 
+    def scores_of(self, preconditioned: torch.Tensor) -> torch.Tensor:
+        """Dense scores [b, N] (float32) of already preconditioned query rows [b, D] (from
+        `preconditioned`), one pass over the stored rows: score a large batch a block at a time."""
+        out = torch.cat([preconditioned.float() @ chunk.T for chunk in self.rows()], dim=1)
+        return _finite(out, "Influence scores")
+
     def scores(self, model: nn.Module, queries: Dataset, device=None, stale_ok: bool = False) -> torch.Tensor:
         """Dense influence scores [Q, N] (float32) of every indexed example on every query. Holds
         [Q, N] in memory: for large N, use `top`."""

@@ -1,0 +1,81 @@
+"""The audit's scores: influence of every training example on every flagged example, and
+self-influence, from one of the engine's methods or from the gradient index.
+
+The engine's methods (audit.influence) recompute every training gradient on each audit; the index
+(audit.influence.index) is built once per model version and training set under the cache folder
+and read by every later audit of that version. docs/influence.md says which to choose when.
+Sign as everywhere (DESIGN.md): > 0 helpful to the flagged example's reviewer label.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from audit.influence import METHODS, influence_scores, self_influence
+from audit.influence.index import IndexConfig, build_index
+
+INDEX = "index"  # the method name that selects the gradient index
+SCORING_METHODS = (*METHODS, INDEX)
+
+
+BLOCK_ELEMENTS = 2**25  # scores held at once when they come in blocks: 128 MiB of float32
+
+
+@dataclass(frozen=True)
+class ScoreBlocks:
+    """Influence scores [Q, N] (Q flagged, N training examples) handed out in blocks of flagged
+    rows, so that a consumer never needs the whole matrix: `block(start, stop)` -> [stop - start, N]."""
+
+    n_queries: int
+    n_train: int
+    block: Callable[[int, int], torch.Tensor]
+    rows_per_block: int
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, scores [b, N]) for consecutive blocks covering every flagged row once."""
+        for start in range(0, self.n_queries, self.rows_per_block):
+            yield start, self.block(start, min(start + self.rows_per_block, self.n_queries))
+
+    @staticmethod
+    def dense(scores: torch.Tensor) -> ScoreBlocks:
+        """Blocks of a matrix already in memory (the engine's methods compute it whole)."""
+        rows = max(1, len(scores))
+        return ScoreBlocks(scores.shape[0], scores.shape[1], lambda start, stop: scores[start:stop], rows)
+
+
+@dataclass(frozen=True)
+class FlaggedScores:
+    """`scores` of the training set against the flagged batch, `self_scores` [N], and, when the
+    index produced them, what the index was (`GradientIndex.describe()`), else None."""
+
+    scores: ScoreBlocks
+    self_scores: torch.Tensor
+    index: dict | None = None
+
+
+def score_flagged(model: nn.Module, train: Dataset, flagged: Dataset, method: str, cache_dir: str | os.PathLike,
+                  progress: bool = False, index_config: IndexConfig | None = None,
+                  metadata: dict | None = None) -> FlaggedScores:
+    """Scores of `train` against `flagged` (map-style datasets of `(inputs, label)`, flagged at
+    the reviewer's labels) with `method`, an engine method or INDEX.
+
+    `cache_dir` keeps what later audits of the same model reuse: the engine's fitted curvatures,
+    or the index under `<cache_dir>/index` (built on the first audit, `index_config` its options,
+    `metadata` such as the model's name and version recorded in it)."""
+    if method == INDEX:
+        index = build_index(model, train, Path(cache_dir) / "index", index_config or IndexConfig(), progress=progress,
+                            metadata=metadata)
+        left = index.preconditioned(index.query_gradients(model, flagged))  # [Q, D]: small next to [Q, N]
+        blocks = ScoreBlocks(len(left), index.n, lambda start, stop: index.scores_of(left[start:stop]),
+                             max(1, BLOCK_ELEMENTS // index.n))
+        return FlaggedScores(blocks, index.self_influence(), index.describe())
+    scores = influence_scores(model, train, flagged, method=method, cache_dir=cache_dir, progress=progress)
+    self_scores = self_influence(model, train, method=method, cache_dir=cache_dir, progress=progress)
+    return FlaggedScores(ScoreBlocks.dense(scores), self_scores)
