@@ -22,7 +22,13 @@ from audit.influence import METHODS, influence_scores, self_influence
 from audit.influence.index import IndexConfig, build_index
 
 INDEX = "index"  # the method name that selects the gradient index
-SCORING_METHODS = (*METHODS, INDEX)
+AUTO = "auto"  # the method name that lets the model's size choose (choose_method)
+SCORING_METHODS = (*METHODS, INDEX, AUTO)
+# auto: the index once N x P (training examples x parameters scored) exceeds this. Measured
+# (bench/RESULTS.md, "Gradient index"): below it EK-FAC takes seconds to a minute and is what the
+# index approximates; above it EK-FAC's passes over per-example gradients take many minutes per
+# audit while the index is built once per version.
+INDEX_ABOVE = 2**30
 
 
 BLOCK_ELEMENTS = 2**25  # scores held at once when they come in blocks: 128 MiB of float32
@@ -52,30 +58,41 @@ class ScoreBlocks:
 
 @dataclass(frozen=True)
 class FlaggedScores:
-    """`scores` of the training set against the flagged batch, `self_scores` [N], and, when the
-    index produced them, what the index was (`GradientIndex.describe()`), else None."""
+    """`scores` of the training set against the flagged batch, `self_scores` [N], the `method`
+    that produced them (what AUTO chose), and, when the index produced them, what the index was
+    (`GradientIndex.describe()`), else None."""
 
     scores: ScoreBlocks
     self_scores: torch.Tensor
+    method: str
     index: dict | None = None
+
+
+def choose_method(model: nn.Module, n_train: int) -> str:
+    """What AUTO scores with: EK-FAC while N x P (training examples x trainable parameters) is at
+    most INDEX_ABOVE, the gradient index beyond."""
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return INDEX if n_train * params > INDEX_ABOVE else "ekfac"
 
 
 def score_flagged(model: nn.Module, train: Dataset, flagged: Dataset, method: str, cache_dir: str | os.PathLike,
                   progress: bool = False, index_config: IndexConfig | None = None,
                   metadata: dict | None = None) -> FlaggedScores:
     """Scores of `train` against `flagged` (map-style datasets of `(inputs, label)`, flagged at
-    the reviewer's labels) with `method`, an engine method or INDEX.
+    the reviewer's labels) with `method`: an engine method, INDEX, or AUTO (choose_method).
 
     `cache_dir` keeps what later audits of the same model reuse: the engine's fitted curvatures,
     or the index under `<cache_dir>/index` (built on the first audit, `index_config` its options,
     `metadata` such as the model's name and version recorded in it)."""
+    if method == AUTO:
+        method = choose_method(model, len(train))  # type: ignore[arg-type]
     if method == INDEX:
         index = build_index(model, train, Path(cache_dir) / "index", index_config or IndexConfig(), progress=progress,
                             metadata=metadata)
         left = index.preconditioned(index.query_gradients(model, flagged))  # [Q, D]: small next to [Q, N]
         blocks = ScoreBlocks(len(left), index.n, lambda start, stop: index.scores_of(left[start:stop]),
                              max(1, BLOCK_ELEMENTS // index.n))
-        return FlaggedScores(blocks, index.self_influence(), index.describe())
+        return FlaggedScores(blocks, index.self_influence(), INDEX, index.describe())
     scores = influence_scores(model, train, flagged, method=method, cache_dir=cache_dir, progress=progress)
     self_scores = self_influence(model, train, method=method, cache_dir=cache_dir, progress=progress)
-    return FlaggedScores(ScoreBlocks.dense(scores), self_scores)
+    return FlaggedScores(ScoreBlocks.dense(scores), self_scores, method)

@@ -27,7 +27,7 @@ from audit.examples import ExampleTable
 from audit.findings import AuditFindings, build_findings
 from audit.flagged import batch_digest, flagged_table, read_batch
 from audit.inbox import claim_batch, claim_digest, claimed_files, move_files, recovery_for, requeue, stale_claims
-from audit.scoring import FlaggedScores, ScoreBlocks, score_flagged
+from audit.scoring import FlaggedScores, score_flagged
 from audit.validation import BatchValidation, validate_flagged_frame
 from audit.verdict import StoreArgs, Verdict
 from flows.artifacts import publish_outcome
@@ -140,11 +140,11 @@ def score_queries(loaded: LoadedModel, train: ExampleTable, flagged: ExampleTabl
 
 
 @task(cache_policy=NO_CACHE)
-def build(settings: AuditSettings, loaded: LoadedModel, training: TrainingData, flagged: ExampleTable,
-          predicted: torch.Tensor, scores: ScoreBlocks, self_scores: torch.Tensor) -> AuditFindings:
+def build(loaded: LoadedModel, training: TrainingData, flagged: ExampleTable, predicted: torch.Tensor,
+          scored: FlaggedScores, top_k: int) -> AuditFindings:
     """The findings: influence and self-influence tables and the correction candidates."""
-    return build_findings(loaded.model, loaded.name, loaded.version, settings.method, training.train, flagged,
-                          predicted, scores, self_scores, settings.top_k)
+    return build_findings(loaded.model, loaded.name, loaded.version, scored.method, training.train, flagged,
+                          predicted, scored.scores, scored.self_scores, top_k)
 
 
 @task(cache_policy=NO_CACHE)
@@ -154,7 +154,8 @@ def log_audit(settings: AuditSettings, findings: AuditFindings, training: Traini
     (`frame`, its files embedded), tagged with `digest`, the claimed batch's as the inbox read it;
     `index`: the gradient index the scores came from (GradientIndex.describe()), if any."""
     tags = RunTags(findings.model_name, findings.model_version, "audit", digest)
-    params = {"method": settings.method, "top_k": settings.top_k, "n_flagged": len(findings.flagged),
+    params = {"method": findings.method, "method_requested": settings.method, "top_k": settings.top_k,
+              "n_flagged": len(findings.flagged),
               "n_train": len(findings.train), "train_digest": training.digests["train"],
               **audit_log.index_params(index)}
     with audit_log.mlflow_run(f"audit {findings.model_name} v{findings.model_version}", tags) as run_id, \
@@ -184,7 +185,7 @@ def audit(store: StoreSettings, settings: AuditSettings) -> AuditResult:
     training = recover_training(ref.run_id, loaded.spec)  # text data is tokenized with the loaded tokenizer
     scored = score_queries(loaded, training.train, flagged, settings.method, store.workdir / "cache" / "influence",
                            settings.progress)
-    findings = build(settings, loaded, training, flagged, predicted, scored.scores, scored.self_scores)
+    findings = build(loaded, training, flagged, predicted, scored, settings.top_k)
     result = log_audit(settings, findings, training, frame, digest, validation, store, scored.index)
     move_files(files, store.workdir / "processed" / result.run_id)
     publish_outcome("audit", f"Audit of {result.model_name} version {result.model_version}", result.verdict,

@@ -51,7 +51,7 @@ NOISE_RATE = 0.1
 EPOCHS = 2
 MAX_LENGTH = 56
 TRAINABLE_LAYERS = 2
-METHOD = "ekfac"
+METHOD = "auto"
 MIN_FIX_RATE = 0.5
 # What the audit scores and a repair fine-tunes: the pooler and the classifier (top_prefixes(model, 0)).
 TUNED_LAYERS = 0

@@ -18,11 +18,12 @@ from audit.correction.config import STRATEGIES
 from audit.correction.search import CANDIDATES_BY_NAME, DEFAULT_CANDIDATES, RepairCandidate
 from audit.gates import GateThresholds
 from audit.influence import METHODS, NEEDS_CHECKPOINTS, NO_SELF_INFLUENCE
-from audit.scoring import INDEX
+from audit.scoring import AUTO, INDEX
 
 # The audit flow scores the flagged batch and self-influence, without training checkpoints; the
-# gradient index (audit.scoring.INDEX) does both from rows built once per model version.
-AUDIT_METHODS = (*(m for m in METHODS if m not in NEEDS_CHECKPOINTS + NO_SELF_INFLUENCE), INDEX)
+# gradient index (audit.scoring.INDEX) does both from rows built once per model version; AUTO
+# picks EK-FAC or the index from the model's size (audit.scoring.choose_method).
+AUDIT_METHODS = (*(m for m in METHODS if m not in NEEDS_CHECKPOINTS + NO_SELF_INFLUENCE), INDEX, AUTO)
 # The correction re-scores the still-wrong flagged examples (influence scores only, no
 # self-influence, so gradcos can), and has no training checkpoints either.
 CORRECTION_METHODS = tuple(m for m in METHODS if m not in NEEDS_CHECKPOINTS)
@@ -72,7 +73,7 @@ class AuditSettings(BaseModel):
     inbox: Path | None = Field(None, description="flagged batch file or folder; default <workdir>/inbox")
     image_root: Path | None = Field(
         None, description="folder that the `image_path` cells of a flagged batch of image files are relative to")
-    method: str = Field("ekfac", description=f"influence method of audit.influence, or the gradient index: "
+    method: str = Field("auto", description=f"influence method of audit.influence, or the gradient index: "
                                              f"{', '.join(AUDIT_METHODS)}")
     top_k: int = Field(10, ge=1, le=1000, description="helpful and harmful examples kept per query")
     claim_timeout_s: float = Field(
