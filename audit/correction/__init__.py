@@ -10,6 +10,11 @@ model), `search_repairs` (an ordered set of repair candidates compared on a sele
 one the correct flow gates and registers), `repair_per_query` (measurement protocol),
 `influence_horizon` (how many steps the influence estimate can be trusted) and `trusted_steps`
 (the step budget it supports). The benchmark's baselines live in bench/baselines.py.
+
+Re-scoring between rounds (audit.correction.rescoring) fits `CorrectionConfig.method`'s curvature
+once on the input model, or with method="index" builds a gradient index once, and reuses it in
+every round and every per-query repair; `index_scorer` / `influence_scorer` make a scorer from an
+index or a fitted curvature the caller already has (the `scorer=` of repair_batch/per_query).
 """
 
 from audit.correction.batch import repair_batch
@@ -18,6 +23,7 @@ from audit.correction.config import CorrectionConfig, RepairResult
 from audit.correction.finetune import finetune_steps
 from audit.correction.horizon import influence_horizon, trusted_steps
 from audit.correction.per_query import PER_QUERY_CONFIG, repair_per_query
+from audit.correction.rescoring import INDEX, index_scorer, influence_scorer
 from audit.correction.search import (
     DEFAULT_CANDIDATES,
     CandidateOutcome,
@@ -29,6 +35,7 @@ from audit.correction.search import (
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "INDEX",
     "CandidateOutcome",
     "CorrectionConfig",
     "RepairCandidate",
@@ -38,7 +45,9 @@ __all__ = [
     "PER_QUERY_CONFIG",
     "RepairResult",
     "finetune_steps",
+    "index_scorer",
     "influence_horizon",
+    "influence_scorer",
     "propose_corrections",
     "repair_batch",
     "repair_per_query",

@@ -8,36 +8,22 @@ flagged examples themselves are never trained on.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from audit.correction.config import CorrectionConfig, RepairResult
 from audit.correction.finetune import finetune_steps
+from audit.correction.rescoring import Scorer, rescoring
 from audit.correction.strategies import Plan, Planner, plan_round
 from audit.errors import InvalidInput
 from audit.examples import ExampleTable
 from audit.training import predict_logits
 
-# scorer(model, train, queries) -> [Q, N] influence scores at the queries' labels
-Scorer = Callable[[nn.Module, ExampleTable, ExampleTable], torch.Tensor]
-
-
-def influence_scorer(method: str) -> Scorer:
-    """Scorer backed by `audit.influence.influence_scores` with the given method."""
-
-    def score(model: nn.Module, train: ExampleTable, queries: ExampleTable) -> torch.Tensor:
-        from audit.influence import influence_scores
-
-        return influence_scores(model, train.dataset(), queries.dataset(), method=method, progress=False)
-
-    return score
-
 
 def repair_batch(
     model: nn.Module, train: ExampleTable, flagged: ExampleTable, config: CorrectionConfig,
-    scores: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None, scorer: Scorer | None = None,
 ) -> RepairResult:
     """Repair a copy of `model` so that the flagged examples get their reviewer labels
     (`flagged.labels`), in up to `config.rounds` rounds with re-scoring of the still-wrong queries.
@@ -49,8 +35,13 @@ def repair_batch(
     `steps_taken`, `selected_ids`, `relabels`) is the one after the round with the highest fixed
     fraction of the flagged batch, earliest on ties (later rounds can undo earlier fixes);
     `history` lists every round run.
+
+    Re-scoring uses `config.method`, its curvature fitted (or its index built) once on `model`
+    (audit.correction.rescoring); `scorer` replaces that (e.g. one over an index the caller keeps).
     """
-    return repair_rounds(model, train, flagged, config, scores, influence_scorer(config.method))
+    check_inputs(train, flagged, scores)
+    with rescoring(model, train, config.method, scorer) as rescore:
+        return repair_rounds(model, train, flagged, config, scores, rescore)
 
 
 def check_inputs(train: ExampleTable, flagged: ExampleTable, scores: torch.Tensor | None) -> None:

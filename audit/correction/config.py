@@ -12,6 +12,15 @@ STRATEGIES = ("reinforce", "relabel", "unlearn")
 OPTIMIZERS = ("sgd", "adam")
 
 
+def rescoring_methods() -> tuple[str, ...]:
+    """What `CorrectionConfig.method` accepts: every registered influence method that needs no
+    training checkpoints (a repair has none), and the gradient index."""
+    from audit.correction.rescoring import INDEX
+    from audit.influence import registry
+
+    return (*(m.name for m in registry.methods() if not m.needs_checkpoints), INDEX)
+
+
 @dataclass(frozen=True)
 class CorrectionConfig:
     """How to repair a model with a few fine-tuning steps on influential training examples.
@@ -21,7 +30,10 @@ class CorrectionConfig:
     """
 
     strategy: str = "relabel"  # reinforce | relabel | unlearn
-    method: str = "graddot"  # influence method passed to audit.influence.influence_scores
+    # influence method the rounds re-score with: a registered audit.influence method without
+    # checkpoints (its curvature fitted once on the input model), or "index" (a gradient index of
+    # the training set built once for the input model); see audit.correction.rescoring
+    method: str = "graddot"
     k: int = 3  # training examples selected per still-wrong query and round
     steps: int = 10  # fine-tuning steps per round
     lr: float = 4e-4  # fine-tuning learning rate (Adam: 3e-4 fixed less, 5e-4 cost held-out accuracy)
@@ -41,8 +53,8 @@ class CorrectionConfig:
             problems.append(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not isinstance(self.method, str) or not self.method:
-            problems.append(f"method must be a non-empty influence method name, got {self.method!r}")
+        if self.method not in rescoring_methods():
+            problems.append(f"method must be one of {rescoring_methods()}, got {self.method!r}")
         for name, low, high in (("k", 1, 10_000), ("steps", 1, 10_000), ("rounds", 1, 100),
                                 ("replay_size", 0, 1_000_000), ("reinforce_k", 0, 10_000)):
             value = getattr(self, name)

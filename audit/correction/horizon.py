@@ -12,9 +12,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from audit.correction.batch import check_inputs, influence_scorer
+from audit.correction.batch import check_inputs
 from audit.correction.config import CorrectionConfig
 from audit.correction.finetune import finetune_steps
+from audit.correction.rescoring import rescoring
 from audit.errors import InvalidInput
 from audit.examples import ExampleTable
 from audit.training import predict_logits
@@ -42,7 +43,8 @@ def influence_horizon(
     n_queries = min(max_queries, len(flagged))
     queries = flagged.subset(list(range(n_queries)))
     if scores is None:
-        scores = influence_scorer(config.method)(model, train, queries)
+        with rescoring(model, train, config.method) as scorer:
+            scores = scorer(model, train, queries)
     scores = scores[:n_queries]  # [Q, N]
     eligible = torch.tensor([i not in set(flagged.ids) for i in train.ids])  # never train on flagged
     pool = eligible.nonzero().flatten()  # [M]

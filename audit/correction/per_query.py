@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from audit.correction.batch import check_inputs, influence_scorer, repair_rounds
+from audit.correction.batch import check_inputs, repair_rounds
 from audit.correction.config import CorrectionConfig, RepairResult
+from audit.correction.rescoring import Scorer, rescoring
 from audit.examples import ExampleTable
 
 # Measured on the digits CNN (bench/correction.py, 64 flagged over 10 seeds): the paper's
@@ -24,19 +25,21 @@ PER_QUERY_CONFIG = CorrectionConfig(strategy="reinforce", k=20, steps=1, lr=3e-5
 
 def repair_per_query(
     model: nn.Module, train: ExampleTable, flagged: ExampleTable, config: CorrectionConfig = PER_QUERY_CONFIG,
-    scores: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None, scorer: Scorer | None = None,
 ) -> list[RepairResult]:
     """One repaired copy of `model` per flagged example (result q repairs `flagged` row q only).
 
     `scores` [Q, N] as in `repair_batch` (computed once with `config.method` when None; later
-    rounds re-score the single query). No repair trains on any flagged example.
+    rounds re-score the single query). The curvature (or index) of `config.method` is fitted once
+    on `model` and serves every round of every query's repair; `scorer` replaces it as in
+    `repair_batch`. No repair trains on any flagged example.
     """
     check_inputs(train, flagged, scores)
-    scorer = influence_scorer(config.method)
-    if scores is None:
-        scores = scorer(model, train, flagged)  # [Q, N]
     exclude = frozenset(flagged.ids)
-    return [
-        repair_rounds(model, train, flagged.subset([q]), config, scores[q : q + 1], scorer, exclude)
-        for q in range(len(flagged))
-    ]
+    with rescoring(model, train, config.method, scorer) as rescore:
+        if scores is None:
+            scores = rescore(model, train, flagged)  # [Q, N]
+        return [
+            repair_rounds(model, train, flagged.subset([q]), config, scores[q : q + 1], rescore, exclude)
+            for q in range(len(flagged))
+        ]

@@ -43,6 +43,10 @@ Hessian is indefinite on trained networks and predicts retraining far worse (see
 Extra options: see `InfluenceConfig` (rank, iterations, samples, fisher_samples, seed, ...),
 `param_filter` (parameter subset: callable or name prefixes), `checkpoints` (tracin).
 `cache_dir` stores fitted curvatures keyed by model, data and options.
+Reusing a fit: `fitted = fit_influence_curvature(model, train, config)` fits once; passing
+`fitted=fitted` to later computations (e.g. of the same model a few fine-tuning steps on) skips
+their fit and uses it as it stands. Only the gradients are then at the current parameters: an
+approximation valid over a short horizon (Schioppa et al. 2023), see `FittedCurvature`.
 Queries are scored `query_block` (512) at a time: memory O(query_block x P + Q x N) however many
 queries, at the price of one pass over the training data per block.
 
@@ -63,7 +67,8 @@ from torch.utils.data import Dataset
 
 from audit.errors import InvalidInput
 from audit.influence.config import InfluenceConfig
-from audit.influence.engine import InfluenceResult, compute
+from audit.influence.engine import FittedCurvature, InfluenceResult, compute
+from audit.influence.engine import fit as _fit
 from audit.influence.methods import METHODS, NEEDS_CHECKPOINTS, NO_SELF_INFLUENCE
 from audit.influence.params import ParamFilter
 from audit.influence.registry import InfluenceMethod
@@ -73,6 +78,7 @@ from audit.influence.tracin import Checkpoints
 
 __all__ = [
     "METHODS",
+    "FittedCurvature",
     "NEEDS_CHECKPOINTS",
     "NO_SELF_INFLUENCE",
     "InfluenceConfig",
@@ -83,6 +89,7 @@ __all__ = [
     "self_influence",
     "top_influences",
     "compute_influence",
+    "fit_influence_curvature",
     "register_method",
 ]
 
@@ -105,10 +112,30 @@ def compute_influence(
     progress: bool = True,
     param_filter: ParamFilter = None,
     checkpoints: Checkpoints | None = None,
+    fitted: FittedCurvature | None = None,
 ) -> InfluenceResult:
     """Like `influence_scores` (queries=None: `self_influence`) with the options as one
-    `InfluenceConfig`; the result also carries the damping actually used."""
-    return compute(model, train, queries, config, device, cache_dir, progress, param_filter, checkpoints)
+    `InfluenceConfig`; the result also carries the damping actually used. `fitted`: a curvature from
+    `fit_influence_curvature` with the same options, used instead of fitting (methods without a
+    fit ignore it)."""
+    return compute(model, train, queries, config, device, cache_dir, progress, param_filter, checkpoints, fitted)
+
+
+def fit_influence_curvature(
+    model: nn.Module,
+    train: Dataset,
+    config: InfluenceConfig = InfluenceConfig(),
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    param_filter: ParamFilter = None,
+) -> FittedCurvature | None:
+    """Fit `config.method`'s damping-free curvature on `train` at `model`'s current parameters,
+    once, for `fitted=` of later computations with the same options and `param_filter`
+    (refused otherwise). None for methods without a fit (graddot, gradcos): there is nothing to
+    reuse, and passing None fits nothing. Reused at other parameters the curvature is stale; the
+    scores are then an approximation valid over a short horizon (Schioppa et al. 2023)."""
+    return _fit(model, train, config, device, cache_dir, progress, param_filter)
 
 
 def influence_scores(
@@ -124,14 +151,17 @@ def influence_scores(
     *,
     param_filter: ParamFilter = None,
     checkpoints: Checkpoints | None = None,
+    fitted: FittedCurvature | None = None,
     **options: object,
 ) -> torch.Tensor:
     """Influence of every training example on every query: [len(queries), len(train)], in the
     model's parameter dtype, on CPU. S[q, i] > 0: up-weighting train example i lowers query q's
     loss at q's label (per unit weight in the mean training loss; / N for leave-one-out).
-    `options` are `InfluenceConfig` fields (curvature, rank, iterations, samples, seed, ...)."""
+    `options` are `InfluenceConfig` fields (curvature, rank, iterations, samples, seed, ...);
+    `fitted`: a curvature to reuse instead of fitting (`fit_influence_curvature`, same options)."""
     config = _config(method, damping, batch_size, options)
-    return compute(model, train, queries, config, device, cache_dir, progress, param_filter, checkpoints).scores
+    return compute(model, train, queries, config, device, cache_dir, progress, param_filter, checkpoints,
+                   fitted).scores
 
 
 def self_influence(
@@ -146,9 +176,11 @@ def self_influence(
     *,
     param_filter: ParamFilter = None,
     checkpoints: Checkpoints | None = None,
+    fitted: FittedCurvature | None = None,
     **options: object,
 ) -> torch.Tensor:
     """Self-influence g_i^T (C + damping I)^-1 g_i of every training example: [len(train)]; high
     values flag unusual, often mislabelled examples. Same options as `influence_scores`."""
     config = _config(method, damping, batch_size, options)
-    return compute(model, train, None, config, device, cache_dir, progress, param_filter, checkpoints).scores
+    return compute(model, train, None, config, device, cache_dir, progress, param_filter, checkpoints,
+                   fitted).scores

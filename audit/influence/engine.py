@@ -4,6 +4,9 @@ most `query_block` queries at a time -> stream the training gradients against ea
 themselves for self-influence). Checkpoint-summed methods run these stages at every checkpoint.
 What differs between methods is in their `InfluenceMethod` (registry.py, methods/); nothing here
 depends on a method's name. `influence_scores` / `self_influence` in __init__ are thin wrappers.
+
+The fit can also run on its own (`fit`, public as `fit_influence_curvature`) and its result be
+passed to later computations at other parameters, which then skip it (`FittedCurvature`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from audit.influence.batches import dataset_size
 from audit.influence.config import InfluenceConfig
 from audit.influence.context import Context, evaluation, make_context
 from audit.influence.curvature import Curvature
-from audit.influence.params import ParamFilter, select_params
+from audit.influence.params import ParamFilter, ParamSpace, select_params
 from audit.influence.registry import InfluenceMethod, Preconditioner, unit_rows
 from audit.influence.tracin import Checkpoints, check_checkpoint, load_checkpoints
 
@@ -37,6 +40,25 @@ class InfluenceResult:
     gradient_path: str | None = None
 
 
+@dataclass(frozen=True)
+class FittedCurvature:
+    """A method's damping-free curvature fitted once (by `fit`), for `compute(..., fitted=...)`.
+
+    Contract: a computation given it skips the fit and preconditions with it as it stands, also at
+    parameters other than those it was fitted at (a model a few fine-tuning steps further on).
+    That is an approximation valid over a short horizon only (Schioppa et al. 2023: influence
+    predicts a short stretch of training well); the gradients are always the current model's.
+    damping=None still means `damping_scale` x the mean eigenvalue, of this fitted curvature, so
+    every computation reusing it uses the same damping. It must come from the same method and
+    curvature options (`key`) over the same parameter layout (`space`); `compute` refuses others.
+    """
+
+    method: str
+    curvature: Curvature
+    key: str  # InfluenceConfig.curvature_key() of the fit
+    space: ParamSpace  # the selected parameters it covers (names and shapes)
+
+
 def fit_curvature(method: InfluenceMethod, ctx: Context, train: Dataset, n: int, cache_dir=None) -> Curvature:
     """The damping-free curvature of the mean training loss that `method.fit` produces, restored
     from `cache_dir` when cached there (a method without `restore` is never cached)."""
@@ -51,11 +73,32 @@ def fit_curvature(method: InfluenceMethod, ctx: Context, train: Dataset, n: int,
 
 
 def preconditioner(
-    method: InfluenceMethod, ctx: Context, train: Dataset, n: int, cache_dir=None
+    method: InfluenceMethod, ctx: Context, train: Dataset, n: int, cache_dir=None,
+    fitted: FittedCurvature | None = None,
 ) -> tuple[Preconditioner, float | None]:
-    """g -> (C + damping I)^-1 g for `method` at `ctx`'s parameters, and the damping it uses."""
-    curvature = fit_curvature(method, ctx, train, n, cache_dir) if method.fit is not None else None
+    """g -> (C + damping I)^-1 g for `method` at `ctx`'s parameters, and the damping it uses; with
+    `fitted`, C is that curvature (no pass over the training data)."""
+    if method.fit is None:
+        curvature = None
+    elif fitted is not None:
+        _check_fitted(fitted, ctx)
+        curvature = fitted.curvature
+    else:
+        curvature = fit_curvature(method, ctx, train, n, cache_dir)
     return method.precondition(ctx, curvature)
+
+
+def _check_fitted(fitted: FittedCurvature, ctx: Context) -> None:
+    if not isinstance(fitted, FittedCurvature):
+        raise InvalidInput("fitted must be a FittedCurvature from fit_influence_curvature; "
+                           f"got {type(fitted).__name__}.")
+    if fitted.key != ctx.config.curvature_key():
+        raise InvalidInput(f"The fitted curvature was made with other options ({fitted.key}) than this computation's "
+                           f"({ctx.config.curvature_key()}); fit it with the same method and options.")
+    if fitted.space != ctx.space:
+        raise InvalidInput(f"The fitted curvature covers other parameters ({len(fitted.space.names)} tensors, "
+                           f"P = {fitted.space.dim}) than this computation ({len(ctx.space.names)} tensors, "
+                           f"P = {ctx.space.dim}); fit it with the same model layout and param_filter.")
 
 
 def query_side(ctx: Context, queries: Dataset, precondition: Preconditioner, desc: str) -> torch.Tensor:
@@ -113,9 +156,10 @@ def self_side(ctx: Context, train: Dataset, precondition: Preconditioner, n: int
 
 
 def _scores(
-    method: InfluenceMethod, ctx: Context, train: Dataset, queries: Dataset | None, n: int, cache_dir
+    method: InfluenceMethod, ctx: Context, train: Dataset, queries: Dataset | None, n: int, cache_dir,
+    fitted: FittedCurvature | None = None,
 ) -> tuple[torch.Tensor, float | None]:
-    precondition, damping = preconditioner(method, ctx, train, n, cache_dir)
+    precondition, damping = preconditioner(method, ctx, train, n, cache_dir, fitted)
     if queries is None:
         return self_side(ctx, train, precondition, n), damping
     return query_scores(method, ctx, train, queries, precondition, n), damping
@@ -170,11 +214,17 @@ def compute(
     progress: bool = True,
     param_filter: ParamFilter = None,
     checkpoints: Checkpoints | None = None,
+    fitted: FittedCurvature | None = None,
 ) -> InfluenceResult:
-    """Influence [Q, N] of every training example on every query (queries=None: self-influence [N])."""
+    """Influence [Q, N] of every training example on every query (queries=None: self-influence [N]).
+    `fitted`: a FittedCurvature used instead of fitting one (see its contract); ignored by methods
+    without a fit."""
     if not isinstance(model, nn.Module):
         raise InvalidInput(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     method = registry.lookup(config.method)
+    if fitted is not None and method.fit is not None and method.needs_checkpoints:
+        raise InvalidInput(f"method={method.name!r} fits a curvature at every checkpoint; it takes no fitted "
+                           "curvature.")
     n = dataset_size(train, "train")
     if queries is not None:
         dataset_size(queries, "queries")
@@ -190,5 +240,32 @@ def compute(
     else:
         with evaluation(model):
             ctx = make_context(model, train, config, device, progress, param_filter)
-            scores, damping = _scores(method, ctx, train, queries, n, cache_dir)
+            scores, damping = _scores(method, ctx, train, queries, n, cache_dir, fitted)
     return InfluenceResult(_finish(scores, ctx.dtype, what), damping, config, ctx.grads.path)
+
+
+def fit(
+    model: nn.Module,
+    train: Dataset,
+    config: InfluenceConfig,
+    device=None,
+    cache_dir=None,
+    progress: bool = True,
+    param_filter: ParamFilter = None,
+) -> FittedCurvature | None:
+    """The curvature `compute` would fit for `config` at `model`'s current parameters (restored
+    from `cache_dir` when cached there), to pass to later computations; None for a method without
+    a fit (nothing to reuse). Checkpoint-summed methods fit one per checkpoint and are refused."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInput(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    method = registry.lookup(config.method)
+    if method.fit is None:
+        return None
+    if method.needs_checkpoints:
+        raise InvalidInput(f"method={method.name!r} fits a curvature at every checkpoint; there is no one curvature "
+                           "to fit.")
+    n = dataset_size(train, "train")
+    with evaluation(model):
+        ctx = make_context(model, train, config, device, progress, param_filter)
+        curvature = fit_curvature(method, ctx, train, n, cache_dir)
+    return FittedCurvature(method.name, curvature, config.curvature_key(), ctx.space)
