@@ -105,27 +105,29 @@ def fixed_count(model, flagged) -> int:
 
 def run_batch(cases, name, fn) -> dict:
     fixed = total = good = proposed = 0
-    changes, seconds = [], 0.0
+    changes, seconds, cpu = [], 0.0, 0.0
     for case in cases:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn(case)
         seconds += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
         fixed += fixed_count(result.model, case.flagged)
         total += len(case.flagged)
         changes.append(case.heldout(result.model) - case.heldout(case.model))
         g, n = precision(case, result.relabels)
         good, proposed = good + g, proposed + n
-    return row(name, "batch", fixed, total, changes, good, proposed, seconds)
+    return row(name, "batch", fixed, total, changes, good, proposed, seconds, cpu)
 
 
 def run_per_query(cases, name, fn) -> dict:
     """One per-query row; also prints its round-budget curve (see `budget_curve`)."""
     fixed = total = good = proposed = 0
-    changes, seconds, records = [], 0.0, []
+    changes, seconds, cpu, records = [], 0.0, 0.0, []
     for case in cases:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         results = fn(case)
         seconds += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
         base = case.heldout(case.model)
         for q, result in enumerate(results):
             fixed_q = fixed_count(result.model, case.flagged.subset([q]))
@@ -136,7 +138,7 @@ def run_per_query(cases, name, fn) -> dict:
             good, proposed = good + g, proposed + n
         total += len(case.flagged)
     print(f"round budget of {name}:\n{markdown(budget_curve(records))}", flush=True)
-    return row(name, "per-query", fixed, total, changes, good, proposed, seconds)
+    return row(name, "per-query", fixed, total, changes, good, proposed, seconds, cpu)
 
 
 def budget_curve(records: list[tuple[bool, int, float]], budgets=None) -> pd.DataFrame:
@@ -156,11 +158,13 @@ def budget_curve(records: list[tuple[bool, int, float]], budgets=None) -> pd.Dat
     return pd.DataFrame(out)
 
 
-def row(name, mode, fixed, total, changes, good, proposed, seconds) -> dict:
+def row(name, mode, fixed, total, changes, good, proposed, seconds, cpu_seconds=float("nan")) -> dict:
+    """One table row; `cpu_seconds` is the process's CPU time (all its threads): on a shared machine
+    it moves less with the other processes' load than the wall-clock `seconds`."""
     return {"row": name, "mode": mode, "fixed": f"{fixed}/{total}", "fix_rate": fixed / max(total, 1),
             "heldout_change_pts": 100 * float(np.mean(changes)), "worst_change_pts": 100 * float(np.min(changes)),
             "relabel_precision": good / proposed if proposed else float("nan"), "relabels": proposed,
-            "seconds": seconds}
+            "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def candidate_precision(cases, method: str, k: int) -> dict:

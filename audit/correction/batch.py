@@ -16,7 +16,7 @@ from audit.correction.config import CorrectionConfig, RepairResult
 from audit.correction.finetune import finetune_steps
 from audit.correction.rescoring import Scorer, rescoring
 from audit.correction.strategies import Plan, Planner, plan_round
-from audit.errors import InvalidInput
+from audit.errors import InvalidInput, NumericalError
 from audit.examples import ExampleTable
 from audit.training import predict_logits
 
@@ -110,7 +110,11 @@ def repair_rounds(
                                 ascent_inputs=train.inputs[ascend], ascent_labels=labels[ascend],
                                 ascent_bound=config.ascent_bound)
         steps_taken += config.steps
-        predicted = predict_logits(repaired, flagged.inputs).argmax(dim=1)
+        logits = predict_logits(repaired, flagged.inputs)  # [Q, C]
+        if not torch.isfinite(logits).all():
+            raise NumericalError(f"The model's outputs became non-finite after round {round_index + 1} "
+                                 f"({config.steps} steps at lr {config.lr:g}); lower the learning rate.")
+        predicted = logits.argmax(dim=1)
         fixed_after = _fraction(predicted, flagged.labels)
         history.append(_entry(round_index, fixed_after, len(wrong), plan, relabels, config.steps, losses))
         if fixed_after > best[0]:

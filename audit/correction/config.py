@@ -10,6 +10,7 @@ from audit.errors import InvalidInput
 
 STRATEGIES = ("reinforce", "relabel", "unlearn")
 OPTIMIZERS = ("sgd", "adam")
+MAX_LR = 1e30
 
 
 def rescoring_methods() -> tuple[str, ...]:
@@ -60,8 +61,10 @@ class CorrectionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not low <= value <= high:
                 problems.append(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-        if not 0.0 < self.lr <= 10.0:
-            problems.append(f"lr must be in (0, 10], got {self.lr!r}")
+        # a learning rate that makes the steps diverge fails that candidate ("training diverged"),
+        # not the correction; the bound only keeps Adam's step size (lr / 0.1) inside float32
+        if not (isinstance(self.lr, (int, float)) and 0.0 < self.lr <= MAX_LR):
+            problems.append(f"lr must be a positive number at most {MAX_LR:g}, got {self.lr!r}")
         if not 0.0 < self.ascent_bound <= 100.0:
             problems.append(f"ascent_bound must be in (0, 100], got {self.ascent_bound!r}")
         if not 0.0 <= self.min_confidence <= 1.0:

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from audit.correction.batch import repair_batch
 from audit.correction.config import CorrectionConfig, RepairResult
-from audit.errors import InvalidInput
+from audit.errors import InvalidInput, NumericalError
 from audit.examples import ExampleTable
-from audit.gates import GateReport, GateThresholds
+from audit.gates import GateReport, GateResult, GateThresholds
 from audit.gates.evaluate import evaluate_prediction_gates
 
 
@@ -59,10 +59,11 @@ CANDIDATES_BY_NAME = {c.name: c for c in DEFAULT_CANDIDATES}
 
 @dataclass(frozen=True)
 class CandidateOutcome:
-    """A tried candidate: its repair and its prediction gates on the selection split."""
+    """A tried candidate: its repair (None when its training diverged) and its prediction gates
+    on the selection split (for a diverged candidate, one failed `stable_training` gate)."""
 
     candidate: RepairCandidate
-    repair: RepairResult
+    repair: RepairResult | None
     selection: GateReport
 
 
@@ -91,7 +92,7 @@ class SearchResult:
             config = outcome.candidate.config
             row = {"candidate": outcome.candidate.name, "chosen": index == self.chosen_index,
                    "strategy": config.strategy, "lr": config.lr, "k": config.k, "steps": config.steps,
-                   "rounds": config.rounds, "label_edits": len(outcome.repair.relabels),
+                   "rounds": config.rounds, "label_edits": len(outcome.repair.relabels) if outcome.repair else 0,
                    "passed": outcome.selection.passed}
             for gate in outcome.selection.results:
                 row[gate.metric] = gate.after
@@ -133,7 +134,9 @@ def search_repairs(
     `flagged` and the split the final gates use. `max_steps` caps every candidate's steps per
     round (the influence horizon). Each candidate stops once the fix-rate gate's threshold is
     reached. The chosen candidate passes every selection gate with the highest fix rate,
-    earliest in order on ties; none when no candidate passes. `model` is never modified.
+    earliest in order on ties; none when no candidate passes. A candidate whose fine-tuning
+    diverges (a NumericalError) fails its `stable_training` gate; the search goes on. `model` is
+    never modified.
     `progress`: a progress bar over the candidates on stderr.
     """
     if not candidates:
@@ -143,10 +146,22 @@ def search_repairs(
         config = candidate.config
         steps = config.steps if max_steps is None else max(1, min(config.steps, max_steps))
         config = dataclasses.replace(config, steps=steps, target_fix_rate=thresholds.min_fix_rate or None)
-        repaired = repair_batch(model, train, flagged, config)
+        try:
+            repaired = repair_batch(model, train, flagged, config)
+        except NumericalError as error:  # this candidate's steps diverged; the others may not
+            outcomes.append(CandidateOutcome(dataclasses.replace(candidate, config=config), None,
+                                             diverged_report(error, thresholds)))
+            continue
         gates = evaluate_prediction_gates(model, repaired.model, flagged, selection, selection, num_classes,
                                           thresholds)
         outcomes.append(CandidateOutcome(dataclasses.replace(candidate, config=config), repaired, gates))
     passing = [i for i, o in enumerate(outcomes) if o.selection.passed]
     chosen = max(passing, key=lambda i: (outcomes[i].selection.result("fix_rate").after, -i)) if passing else None
     return SearchResult(tuple(outcomes), chosen)
+
+
+def diverged_report(error: NumericalError, thresholds: GateThresholds) -> GateReport:
+    """The selection report of a candidate whose fine-tuning diverged: one failed gate,
+    `stable_training` (metric `diverged` = 1), whose reason quotes the error."""
+    reason = f"training diverged: {error}"
+    return GateReport((GateResult("stable_training", "diverged", None, 1.0, 0.0, False, reason),), thresholds)

@@ -24,9 +24,11 @@ GATE_NAMES = {"fix_rate", "heldout_accuracy", "class_recall", "canary_flips", "o
 GATE_METRICS = {"fix_rate", "heldout_accuracy_before", "heldout_accuracy_after", "max_class_recall_drop",
                 "canary_flip_rate", "onnx_max_abs_diff"}
 # Outcomes by construction: lr 1e-9 changes no prediction (every gate but the fix rate holds, and
-# the flagged digits, the champion's own mispredictions, stay wrong); Adam at lr 10 wrecks the model.
+# the flagged digits, the champion's own mispredictions, stay wrong); a learning rate past
+# float32's range (3.4e38) makes Adam's first step +-inf for every weight with a gradient, the last
+# layer's bias included, so the outputs are not finite and the wreck's training diverges.
 NO_OP = RepairCandidate("no-op", CorrectionConfig(lr=1e-9, steps=1, rounds=1))
-WRECK = RepairCandidate("wreck", CorrectionConfig(lr=10.0, steps=10, rounds=1, reinforce_k=5))
+WRECK = RepairCandidate("wreck", CorrectionConfig(lr=1e30, steps=10, rounds=1, reinforce_k=5))
 
 
 @pytest.fixture
@@ -121,14 +123,15 @@ def test_demo_logs_the_audit_and_correction_artifacts(demo_result):
 
 
 def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_be_promoted(demo_result):
-    # By construction: the wreck fails the held-out gates; the no-op passes every gate once the
+    # By construction: the wreck's training diverges; the no-op passes every gate once the
     # fix-rate gate asks for 0.
     audit_run_id = _fresh_audit(demo_result)
     store = StoreSettings(workdir=demo_result.workdir, allow_pickle=True)
     settings = CorrectionSettings(gates=GateSettings(min_fix_rate=0.0))
-    result = correct(store, settings, audit_run_id, candidates=(WRECK, NO_OP))
-    assert [o.candidate.name for o in result.search.outcomes] == ["wreck", "no-op"]
-    assert not result.search.outcomes[0].selection.passed and result.search.chosen.candidate.name == "no-op"
+    # the no-op first: the influence horizon is measured with the first candidate's settings
+    result = correct(store, settings, audit_run_id, candidates=(NO_OP, WRECK))
+    assert [o.candidate.name for o in result.search.outcomes] == ["no-op", "wreck"]
+    assert not result.search.outcomes[1].selection.passed and result.search.chosen.candidate.name == "no-op"
     assert result.gates.passed, result.failure_reasons()
     client = MlflowClient()
     challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger")
@@ -145,8 +148,8 @@ def test_a_search_with_a_passing_candidate_registers_it_with_lineage_and_it_can_
     run = client.get_run(result.run_id)
     assert run.data.params["correction.candidate"] == "no-op" and run.data.tags["audit.gates"] == "passed"
     candidates = audit_log.load_table(result.run_id, "candidates", artifact_dir="correction")
-    assert "held-out accuracy" in candidates.loc[0, "failed_because"]
-    assert not candidates.loc[0, "heldout_accuracy_passed"]
+    assert candidates.loc[1, "failed_because"].startswith("training diverged: ")
+    assert not candidates.loc[1, "stable_training_passed"] and candidates.loc[0, "heldout_accuracy_passed"]
     report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/correction/report.html")
     assert "Every gate passed: candidate no-op is registered as @challenger" in report
     assert f'<code class="next-command">model-audit promote --model {MODEL_NAME} --workdir' in report
@@ -171,7 +174,7 @@ def test_a_search_where_no_candidate_can_pass_registers_nothing_and_names_each_f
     assert result.registered_version is None and result.gates is None and result.search.chosen is None
     (reason,) = result.failure_reasons()
     assert reason.startswith("no repair candidate passed the gates on the selection split (no-op: fix rate 0.00")
-    assert "| wreck: " in reason
+    assert "| wreck: training diverged: " in reason
     assert _versions() == before
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["audit.gates"] == "failed" and run.data.params["correction.candidate"] == "none"

@@ -21,6 +21,13 @@ def test_invalid_config_lists_every_problem_in_one_error():
         assert name in message
 
 
+def test_a_learning_rate_far_too_high_is_accepted_but_one_beyond_float32_is_refused():
+    assert CorrectionConfig(lr=1e30).lr == 1e30  # too high is a diverged candidate, not bad input
+    for lr in (0.0, 1e31, float("inf"), float("nan"), "0.1"):
+        with pytest.raises(InvalidInput, match="lr must be a positive number at most 1e"):
+            CorrectionConfig(lr=lr)
+
+
 def _tiny(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
