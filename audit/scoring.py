@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from audit.influence import METHODS, influence_scores, self_influence
 from audit.influence.index import IndexConfig, build_index
+from audit.influence.index.cluster import ShardMap
 
 INDEX = "index"  # the method name that selects the gradient index
 AUTO = "auto"  # the method name that lets the model's size choose (choose_method)
@@ -77,22 +78,25 @@ def choose_method(model: nn.Module, n_train: int) -> str:
 
 def score_flagged(model: nn.Module, train: Dataset, flagged: Dataset, method: str, cache_dir: str | os.PathLike,
                   progress: bool = False, index_config: IndexConfig | None = None,
-                  metadata: dict | None = None) -> FlaggedScores:
+                  metadata: dict | None = None, shard_map: ShardMap | None = None) -> FlaggedScores:
     """Scores of `train` against `flagged` (map-style datasets of `(inputs, label)`, flagged at
     the reviewer's labels) with `method`: an engine method, INDEX, or AUTO (choose_method).
 
     `cache_dir` keeps what later audits of the same model reuse: the engine's fitted curvatures,
     or the index under `<cache_dir>/index` (built on the first audit, `index_config` its options,
-    `metadata` such as the model's name and version recorded in it)."""
+    `metadata` such as the model's name and version recorded in it). `shard_map`
+    (audit.influence.index.cluster): where the index's shard jobs run (its build, the score
+    blocks, self-influence), e.g. Dask workers; the engine's methods run here whatever it is. The
+    score blocks call it when they are read: keep it open until the findings are built."""
     if method == AUTO:
         method = choose_method(model, len(train))  # type: ignore[arg-type]
     if method == INDEX:
         index = build_index(model, train, Path(cache_dir) / "index", index_config or IndexConfig(), progress=progress,
-                            metadata=metadata)
+                            metadata=metadata, shard_map=shard_map)
         left = index.preconditioned(index.query_gradients(model, flagged))  # [Q, D]: small next to [Q, N]
-        blocks = ScoreBlocks(len(left), index.n, lambda start, stop: index.scores_of(left[start:stop]),
+        blocks = ScoreBlocks(len(left), index.n, lambda start, stop: index.scores_of(left[start:stop], shard_map),
                              max(1, BLOCK_ELEMENTS // index.n))
-        return FlaggedScores(blocks, index.self_influence(), INDEX, index.describe())
+        return FlaggedScores(blocks, index.self_influence(shard_map), INDEX, index.describe())
     scores = influence_scores(model, train, flagged, method=method, cache_dir=cache_dir, progress=progress)
     self_scores = self_influence(model, train, method=method, cache_dir=cache_dir, progress=progress)
     return FlaggedScores(ScoreBlocks.dense(scores), self_scores, method)

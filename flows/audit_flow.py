@@ -27,6 +27,7 @@ from audit.examples import ExampleTable
 from audit.findings import AuditFindings, build_findings
 from audit.flagged import batch_digest, flagged_table, read_batch
 from audit.inbox import claim_batch, claim_digest, claimed_files, move_files, recovery_for, requeue, stale_claims
+from audit.influence.index.cluster import ShardMap, shard_map
 from audit.scoring import FlaggedScores, score_flagged
 from audit.validation import BatchValidation, validate_flagged_frame
 from audit.verdict import StoreArgs, Verdict
@@ -131,12 +132,13 @@ def recover_training(run_id: str, spec: ModelSpec) -> TrainingData:
 
 @task(cache_policy=NO_CACHE)
 def score_queries(loaded: LoadedModel, train: ExampleTable, flagged: ExampleTable, method: str, cache_dir: Path,
-                  progress: bool) -> FlaggedScores:
+                  progress: bool, run: ShardMap) -> FlaggedScores:
     """Influence [Q, N] of every training example on every flagged example, and self-influence [N].
     What later audits of the same version reuse (fitted curvature, gradient index) is kept in
-    `cache_dir`, keyed by model, data and options. `progress`: bars on stderr."""
+    `cache_dir`, keyed by model, data and options. `progress`: bars on stderr. `run`: where the
+    index's shard jobs run."""
     return score_flagged(loaded.model, train.dataset(), flagged.dataset(), method, cache_dir, progress,
-                         metadata={"model_name": loaded.name, "model_version": loaded.version})
+                         metadata={"model_name": loaded.name, "model_version": loaded.version}, shard_map=run)
 
 
 @task(cache_policy=NO_CACHE)
@@ -155,6 +157,7 @@ def log_audit(settings: AuditSettings, findings: AuditFindings, training: Traini
     `index`: the gradient index the scores came from (GradientIndex.describe()), if any."""
     tags = RunTags(findings.model_name, findings.model_version, "audit", digest)
     params = {"method": findings.method, "method_requested": settings.method, "top_k": settings.top_k,
+              "scale_out": settings.scale_out(),
               "n_flagged": len(findings.flagged),
               "n_train": len(findings.train), "train_digest": training.digests["train"],
               **audit_log.index_params(index)}
@@ -183,9 +186,11 @@ def audit(store: StoreSettings, settings: AuditSettings) -> AuditResult:
     loaded = load_model(ref, store.allow_pickle)
     flagged, predicted = flagged_table(frame, loaded.spec.table)  # after loading: text needs its tokenizer
     training = recover_training(ref.run_id, loaded.spec)  # text data is tokenized with the loaded tokenizer
-    scored = score_queries(loaded, training.train, flagged, settings.method, store.workdir / "cache" / "influence",
-                           settings.progress)
-    findings = build(loaded, training, flagged, predicted, scored, settings.top_k)
+    # the findings read the index's scores block by block: the cluster stays up until they are built
+    with shard_map(settings.dask_address, settings.workers) as run:
+        scored = score_queries(loaded, training.train, flagged, settings.method,
+                               store.workdir / "cache" / "influence", settings.progress, run)
+        findings = build(loaded, training, flagged, predicted, scored, settings.top_k)
     result = log_audit(settings, findings, training, frame, digest, validation, store, scored.index)
     move_files(files, store.workdir / "processed" / result.run_id)
     publish_outcome("audit", f"Audit of {result.model_name} version {result.model_version}", result.verdict,

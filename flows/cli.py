@@ -43,6 +43,10 @@ MODEL = typer.Option("digits-classifier", "--model", help="Registered model name
 AUDIT_METHOD = typer.Option("auto", "--method", help=f"Influence method ({', '.join(AUDIT_METHODS)}). auto: EK-FAC "
                                                      "for small models, the gradient index for large ones.")
 TOP_K = typer.Option(10, "--top-k", help="Helpful and harmful examples kept per flagged example (1-1000).")
+WORKERS = typer.Option(None, "--workers", min=1,
+                       help="Build and query the gradient index on a local Dask cluster of N worker processes.")
+DASK_ADDRESS = typer.Option(None, "--dask-address",
+                            help="Build and query the gradient index on an existing Dask scheduler (tcp://HOST:PORT).")
 MAX_FLAGGED = typer.Option(10_000, "--max-flagged",
                            help="A flagged batch with more rows is refused and quarantined.")
 # The correction: what `correct` and `serve` set (CorrectionSettings and its GateSettings).
@@ -197,6 +201,8 @@ def audit_command(
     method: str = AUDIT_METHOD,
     top_k: int = TOP_K,
     max_flagged: int = MAX_FLAGGED,
+    workers: int = WORKERS,
+    dask_address: str = DASK_ADDRESS,
 ) -> None:
     """Audit a registered model against a flagged batch; prints the audit run id."""
 
@@ -206,8 +212,8 @@ def audit_command(
 
         store = StoreSettings(workdir=workdir, tracking_uri=tracking_uri, allow_pickle=allow_pickle)
         settings = AuditSettings(model_name=model, alias=alias, inbox=inbox, image_root=image_root, method=method,
-                                 top_k=top_k,
-                                 max_flagged=max_flagged, progress=_progress())
+                                 top_k=top_k, max_flagged=max_flagged, progress=_progress(), workers=workers,
+                                 dask_address=dask_address)
         return audit(store, settings)
 
     result = _run(run)
@@ -314,6 +320,8 @@ def serve(
     method: str = AUDIT_METHOD,
     top_k: int = TOP_K,
     max_flagged: int = MAX_FLAGGED,
+    workers: int = WORKERS,
+    dask_address: str = DASK_ADDRESS,
     candidates: str = CANDIDATE_NAMES,
     strategy: str = STRATEGY,
     correction_method: str = typer.Option(None, "--correction-method", help=CORRECTION_METHOD_HELP),
@@ -343,7 +351,8 @@ def serve(
 
         service = ServiceSettings(
             store=StoreSettings(workdir=workdir, tracking_uri=tracking_uri, allow_pickle=allow_pickle),
-            audit=AuditSettings(model_name=model, alias=alias, method=method, top_k=top_k, max_flagged=max_flagged),
+            audit=AuditSettings(model_name=model, alias=alias, method=method, top_k=top_k, max_flagged=max_flagged,
+                                workers=workers, dask_address=dask_address),
             correction=_correction_settings(
                 candidates, strategy, correction_method, selection_fraction, min_horizon_correlation,
                 min_fix_rate=min_fix_rate, max_accuracy_drop_points=max_accuracy_drop_points,

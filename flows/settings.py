@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from audit.correction.config import STRATEGIES
 from audit.correction.search import CANDIDATES_BY_NAME, DEFAULT_CANDIDATES, RepairCandidate
@@ -82,11 +82,29 @@ class AuditSettings(BaseModel):
         10_000, ge=1,
         description="a flagged batch with more rows is refused and quarantined (scoring cost grows with its size)")
     progress: bool = Field(False, description="draw progress bars of the influence passes on stderr")
+    workers: int | None = Field(
+        None, ge=1, le=256,
+        description="build and query the gradient index on a local Dask cluster of this many worker processes")
+    dask_address: str | None = Field(
+        None, pattern=r"^(tcp|tls)://\S+:\d+$",
+        description="build and query the gradient index on the Dask scheduler at this address (tcp://HOST:PORT)")
 
     @field_validator("method")
     @classmethod
     def _runnable_method(cls, method: str) -> str:
         return _runnable(method, AUDIT_METHODS, "audit", needs_self_influence=True)
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> AuditSettings:
+        if self.workers is not None and self.dask_address is not None:
+            raise ValueError("give either workers (a local Dask cluster) or dask_address (an existing one), not both")
+        return self
+
+    def scale_out(self) -> str:
+        """Where the index's shard jobs run, as the audit run's params record it."""
+        if self.dask_address is not None:
+            return f"dask {self.dask_address}"
+        return f"dask LocalCluster({self.workers})" if self.workers is not None else "this process"
 
     def inbox_in(self, workdir: Path) -> Path:
         """The flagged batch file or folder: `inbox`, or `<workdir>/inbox` when it is not set."""

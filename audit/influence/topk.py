@@ -110,13 +110,23 @@ class StreamingTop:
             raise InvalidInput("scores contain NaN or inf; recompute them (or raise damping) before ranking.")
         idx = torch.arange(self.seen, self.seen + chunk.shape[1], device=chunk.device).expand(chunk.shape[0], -1)
         self.seen += chunk.shape[1]
+        self._fold(((chunk, idx), (chunk, idx)))
+
+    def add_top(self, part: TopInfluences, offset: int) -> None:
+        """Fold in the top of the next block of columns, found separately (`part`, its indices
+        local to the block, which starts at column `offset`): blocks in column order, each at most
+        once. The top k of the whole matrix is the top k of its blocks' tops."""
+        self._fold(((part.proponent_scores, part.proponents + offset),
+                    (part.opponent_scores, part.opponents + offset)))
+
+    def _fold(self, candidates) -> None:
         sides = []
         for side, descending in enumerate((True, False)):
-            scores, indices = chunk, idx
+            scores, indices = candidates[side]
             if self._best:
                 # earlier columns first: a stable sort then keeps the lower index first under ties
-                scores = torch.cat([self._best[side][0], chunk], dim=1)
-                indices = torch.cat([self._best[side][1], idx], dim=1)
+                scores = torch.cat([self._best[side][0], scores], dim=1)
+                indices = torch.cat([self._best[side][1], indices], dim=1)
             order = torch.sort(scores, dim=1, descending=descending, stable=True).indices[:, : self.k]
             sides.append((torch.gather(scores, 1, order), torch.gather(indices, 1, order)))
         self._best = sides

@@ -4,6 +4,7 @@ import json
 import re
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -164,3 +165,31 @@ def test_an_audit_with_the_gradient_index_builds_it_once_per_version(prefect_har
     assert len(table) == (len(frame) - 3) * 2 * 5
     assert (table[table.role == "helpful"].score > 0).mean() > 0.9
     assert (table[table.role == "harmful"].score < 0).mean() > 0.9
+
+
+def test_an_audit_on_a_local_dask_cluster_finds_what_a_single_process_audit_finds(prefect_harness, registered):
+    import torch
+
+    workdir, frame = registered
+    store = StoreSettings(workdir=workdir, allow_pickle=True)
+    write_batch(frame, workdir / "inbox" / "on-dask.parquet")
+    on_dask = audit(store, AuditSettings(model_name="m", top_k=5, method="index", workers=2))
+    write_batch(frame, workdir / "inbox" / "here.parquet")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on each Dask worker: the same sums in the same order
+    try:
+        here = audit(store, AuditSettings(model_name="m", top_k=5, method="index"))
+    finally:
+        torch.set_num_threads(threads)
+    params = {r.run_id: MlflowClient().get_run(r.run_id).data.params for r in (on_dask, here)}
+    assert params[on_dask.run_id]["scale_out"] == "dask LocalCluster(2)"
+    assert params[here.run_id]["scale_out"] == "this process"
+    for name in ("influence", "self_influence", "correction_candidates"):
+        pd.testing.assert_frame_equal(load_table(on_dask.run_id, name), load_table(here.run_id, name))
+
+
+def test_audit_settings_take_one_kind_of_cluster():
+    with pytest.raises(ValueError, match="not both"):
+        AuditSettings(workers=2, dask_address="tcp://127.0.0.1:8786")
+    with pytest.raises(ValueError, match="dask_address"):
+        AuditSettings(dask_address="127.0.0.1:8786")

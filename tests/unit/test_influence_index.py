@@ -165,3 +165,52 @@ def test_bad_options_and_models_are_refused_in_one_sentence(tmp_path):
     norm_only[1].requires_grad_(False)
     with pytest.raises(InvalidInput, match="covers Linear and Conv2d layers"):
         build_index(norm_only, tiny_data(5, seed=0), tmp_path, progress=False)
+
+
+def test_merged_shard_tops_are_the_dense_top_k_ties_included():
+    from audit.influence.topk import StreamingTop
+
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randint(-3, 4, (6, 47), generator=generator).float()  # many ties, across blocks too
+    want = top_influences(dense, 8)
+    merged, start = StreamingTop(8), 0
+    for width in (10, 3, 20, 14):
+        merged.add_top(top_influences(dense[:, start : start + width], 8), start)
+        start += width
+    got = merged.result()
+    for field in ("proponents", "proponent_scores", "opponents", "opponent_scores", "ranks"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_shard_jobs_give_the_index_the_in_process_loop_gives(tmp_path):
+    """The path every cluster takes (compute_shard per missing shard, then per-shard scoring
+    jobs), run in this process: the same shards, rows, scores, top-k and self-influence."""
+    from audit.influence.index.cluster import local_map
+
+    model, train, queries = tiny_mlp(), tiny_data(53, seed=0), tiny_data(5, seed=1)
+    config = IndexConfig(rank_in=3, rank_out=2, shard_rows=10)
+    loop = build_index(model, train, tmp_path / "loop", config, progress=False)
+    jobs = build_index(model, train, tmp_path / "jobs", config, progress=False, shard_map=local_map)
+    assert jobs.shards == loop.shards and (jobs.stats.computed, jobs.stats.reused) == (6, 0)
+    left = loop.preconditioned(loop.query_gradients(model, queries))
+    assert torch.equal(jobs.scores_of(left, local_map), loop.scores_of(left))
+    assert torch.equal(jobs.self_influence(local_map), loop.self_influence())
+    got, want = jobs.top(model, queries, 6, shard_map=local_map), loop.top(model, queries, 6)
+    for field in ("proponents", "proponent_scores", "opponents", "opponent_scores", "ranks"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_a_shard_job_refuses_rows_that_changed_and_a_model_that_is_not_the_indexed_one(tmp_path):
+    from audit.influence.index.build import ShardJob, compute_shard, examples_digest, shard_rows
+
+    model, train = tiny_mlp(), tiny_data(20, seed=0)
+    config = IndexConfig(rank_in=3, rank_out=2, shard_rows=10)
+    index = build_index(model, torch.utils.data.Subset(train, range(10)), tmp_path, config, progress=False)
+    folder = str(index.folder.folder)
+    job = ShardJob(1, 2, 10, 20, examples_digest(*shard_rows(tiny_data(20, seed=5), 10, 20))[:32])
+    with pytest.raises(IntegrityError, match="changed while the index was being built"):
+        compute_shard(job, model=model, train=train, folder=folder, config=config)
+    job = ShardJob(1, 2, 10, 20, examples_digest(*shard_rows(train, 10, 20))[:32])
+    with pytest.raises(IntegrityError, match="not the one the index"):
+        compute_shard(job, model=tiny_mlp(seed=1), train=train, folder=folder, config=config)
+    assert compute_shard(job, model=model, train=train, folder=folder, config=config).rows == 10

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from audit.errors import IntegrityError
 from audit.influence.batches import Inputs, collate, dataset_size, to_device
 from audit.influence.cache import hash_model, hash_tensor
 from audit.influence.config import InfluenceConfig
 from audit.influence.context import Context, evaluation, make_context
 from audit.influence.gradients import gn_cotangents, loss_cotangents
+from audit.influence.index.cluster import ShardMap
 from audit.influence.index.config import IndexConfig
 from audit.influence.index.curvature import ShardSums, block_sums
 from audit.influence.index.projection import KroneckerSums, Projector, indexed_layers, make_projections
@@ -132,16 +134,67 @@ def shard_gradients(projector: Projector, inputs: Inputs, labels: torch.Tensor, 
 DEFAULT_CONFIG = IndexConfig()
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard of a build: training rows [start, stop), the digest of those examples, and its
+    place (`number` of `total`, 0-based) for progress messages."""
+
+    number: int
+    total: int
+    start: int
+    stop: int
+    digest: str
+
+
+def shard_rows(train: Dataset, start: int, stop: int) -> tuple[Inputs, torch.Tensor]:
+    """Collated training rows [start, stop): (inputs, labels [stop - start])."""
+    return collate([train[i] for i in range(start, stop)])
+
+
+def _compute_and_write(projector: Projector, folder: IndexFolder, inputs: Inputs, labels: torch.Tensor,
+                       job: ShardJob, config: IndexConfig) -> ShardMeta:
+    rows, sums = shard_gradients(projector, inputs, labels, config.seed ^ int(job.digest[:8], 16),
+                                 f"index: shard {job.number + 1}/{job.total}")
+    storage = np.float16 if config.storage == "float16" else np.float32
+    return folder.write_shard(job.digest, rows.numpy().astype(storage, copy=False), sums)
+
+
+def compute_shard(job: ShardJob, *, model: nn.Module, train: Dataset, folder: str, config: IndexConfig,
+                  param_filter: ParamFilter = None) -> ShardMeta:
+    """Compute and store one shard, in any process (a Dask worker): reads rows [job.start,
+    job.stop) of `train`, checks that they are the examples planned (`job.digest`) and that `model`
+    is the one the folder was created for, writes the shard, returns its ShardMeta. A shard that
+    is already stored (a re-run job) is returned as it is."""
+    index_folder = IndexFolder(Path(folder))
+    stored = index_folder.shard_meta(job.digest)
+    if stored is not None:
+        return stored[0]
+    inputs, labels = shard_rows(train, job.start, job.stop)
+    if examples_digest(inputs, labels)[:32] != job.digest:
+        raise IntegrityError(f"Training rows {job.start}-{job.stop} changed while the index was being built; "
+                             "build it again from data that stays put.")
+    with model_context(model, train, config, None, False, param_filter) as ctx:
+        if model_key(ctx, config) != index_folder.header()["model_key"]:
+            raise IntegrityError(f"The model sent to build shard {job.number + 1} is not the one the index in "
+                                 f"{index_folder.folder} was created for.")
+        projector = Projector(ctx, indexed_layers(model, ctx), index_folder.projections())
+        return _compute_and_write(projector, index_folder, inputs, labels, job, config)
+
+
 def build_index(model: nn.Module, train: Dataset, root: str | os.PathLike, config: IndexConfig = DEFAULT_CONFIG,
                 param_filter: ParamFilter = None, device=None, progress: bool = True,
-                metadata: dict | None = None):
+                metadata: dict | None = None, shard_map: ShardMap | None = None):
     """The gradient index of `train` (a map-style dataset of `(inputs, label)`) for `model` at its
     current parameters, under `root`; built where missing, reused where stored. Returns a
     `GradientIndex` (audit.influence.index.query) with `stats` saying what was computed.
 
     Covers the selected Linear/Conv2d layers (`param_filter` as in the engine); other selected
     parameters (norms, embeddings) are left out. `metadata` (e.g. the registered model's name and
-    version) is recorded in the index's header when the folder is created."""
+    version) is recorded in the index's header when the folder is created. `shard_map`
+    (audit.influence.index.cluster): where the missing shards are computed, one job per shard
+    (`compute_shard`, sent the model and `train` once); default: here, one after the other. The
+    index is the same either way: a shard's numbers depend only on the model, the options and its
+    own examples."""
     from audit.influence.index.query import GradientIndex
 
     n = dataset_size(train, "train")
@@ -155,23 +208,27 @@ def build_index(model: nn.Module, train: Dataset, root: str | os.PathLike, confi
                       "layers": [vars(p.layer) for p in projections], "blocks": [p.dim for p in projections],
                       "dtype": str(ctx.dtype).removeprefix("torch."), "metadata": metadata or {}}
             folder.create(header, projections)
-        projector = Projector(ctx, found, folder.projections())
-        shards: list[ShardMeta] = []
-        computed = 0
         starts = range(0, n, config.shard_rows)
+        jobs, stored, computed, projector = [], {}, 0, None
         for number, start in enumerate(starts):
-            inputs, labels = collate([train[i] for i in range(start, min(n, start + config.shard_rows))])
-            digest = examples_digest(inputs, labels)[:32]
-            stored = folder.shard_meta(digest)
-            if stored is None:
-                rows, sums = shard_gradients(projector, inputs, labels, config.seed ^ int(digest[:8], 16),
-                                             f"index: shard {number + 1}/{len(starts)}")
-                storage = np.float16 if config.storage == "float16" else np.float32
-                stored_meta = folder.write_shard(digest, rows.numpy().astype(storage, copy=False), sums)
+            stop = min(n, start + config.shard_rows)
+            inputs, labels = shard_rows(train, start, stop)
+            job = ShardJob(number, len(starts), start, stop, examples_digest(inputs, labels)[:32])
+            jobs.append(job)
+            found_shard = folder.shard_meta(job.digest)
+            if found_shard is not None:
+                stored[job.digest] = found_shard[0]
+            elif shard_map is None:
+                projector = projector or Projector(ctx, found, folder.projections())
+                stored[job.digest] = _compute_and_write(projector, folder, inputs, labels, job, config)
                 computed += 1
-            else:
-                stored_meta = stored[0]
-            shards.append(stored_meta)
+    missing = list({job.digest: job for job in jobs if job.digest not in stored}.values())
+    if missing:  # on shard_map: each job reads its rows from `train` itself
+        metas = shard_map(compute_shard, missing, model=model, train=train, folder=str(folder.folder),
+                          config=config, param_filter=param_filter)
+        stored.update((job.digest, meta) for job, meta in zip(missing, metas, strict=True))
+        computed += len(missing)
+    shards = [stored[job.digest] for job in jobs]
     data_digest = hashlib.sha256("".join(s.digest for s in shards).encode()).hexdigest()[:32]
     folder.write_data(data_digest, shards)
     index = GradientIndex.open(folder, data_digest, config)

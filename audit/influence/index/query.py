@@ -23,6 +23,7 @@ from audit.errors import InvalidInput, NumericalError
 from audit.influence.batches import collate, dataset_size, to_device
 from audit.influence.gradients import loss_cotangents
 from audit.influence.index.build import BuildStats, model_context, model_key, ordered_batches
+from audit.influence.index.cluster import ShardMap
 from audit.influence.index.config import IndexConfig
 from audit.influence.index.curvature import ProjectedCurvature, apply_blocks
 from audit.influence.index.projection import Projector, indexed_layers
@@ -87,10 +88,10 @@ class GradientIndex:
         """The stored training rows in order, float32 chunks [<= CHUNK_ROWS, D] read from disk
         (memory-mapped: the whole index is never in memory). `verify`: check each shard's SHA-256."""
         for shard in self.shards:
-            stored = self.folder.open_rows(shard, verify)
-            for start in range(0, shard.rows, CHUNK_ROWS):
-                # a copy (np.array): torch wants writable memory, and the memmap is read-only
-                yield torch.from_numpy(np.array(stored[start : start + CHUNK_ROWS], dtype=np.float32))
+            yield from _chunks(self.folder, shard, verify)
+
+    def _offsets(self) -> list[int]:
+        return np.cumsum([0] + [s.rows for s in self.shards[:-1]]).tolist()
 
     def query_gradients(self, model: nn.Module, queries: Dataset, device=None, stale_ok: bool = False
                         ) -> torch.Tensor:
@@ -123,10 +124,15 @@ class GradientIndex:
         for chunk in self.rows():
             yield left @ chunk.T  # [Q, r]
 
-    def scores_of(self, preconditioned: torch.Tensor) -> torch.Tensor:
+    def scores_of(self, preconditioned: torch.Tensor, shard_map: ShardMap | None = None) -> torch.Tensor:
         """Dense scores [b, N] (float32) of already preconditioned query rows [b, D] (from
-        `preconditioned`), one pass over the stored rows: score a large batch a block at a time."""
-        out = torch.cat([preconditioned.float() @ chunk.T for chunk in self.rows()], dim=1)
+        `preconditioned`), one pass over the stored rows: score a large batch a block at a time.
+        `shard_map` (audit.influence.index.cluster): one job per shard, e.g. on Dask workers."""
+        left = preconditioned.float()
+        if shard_map is None:
+            out = torch.cat([left @ chunk.T for chunk in self.rows()], dim=1)
+        else:
+            out = torch.cat(shard_map(shard_scores, self.shards, folder=str(self.folder.folder), left=left), dim=1)
         return _finite(out, "Influence scores")
 
     def scores(self, model: nn.Module, queries: Dataset, device=None, stale_ok: bool = False) -> torch.Tensor:
@@ -135,19 +141,30 @@ class GradientIndex:
         out = torch.cat(list(self._score_chunks(model, queries, device, stale_ok)), dim=1)
         return _finite(out, "Influence scores")
 
-    def top(self, model: nn.Module, queries: Dataset, k: int, device=None, stale_ok: bool = False) -> TopInfluences:
+    def top(self, model: nn.Module, queries: Dataset, k: int, device=None, stale_ok: bool = False,
+            shard_map: ShardMap | None = None) -> TopInfluences:
         """The k most helpful and k most harmful indexed examples per query, streamed: memory
-        O(Q x (k + CHUNK_ROWS)) whatever N. Same result as `top_influences(self.scores(...), k)`."""
+        O(Q x (k + CHUNK_ROWS)) whatever N. Same result as `top_influences(self.scores(...), k)`.
+        `shard_map`: each shard's top k is found by its own job, then merged in shard order."""
         top = StreamingTop(min(k, self.n))
-        for chunk in self._score_chunks(model, queries, device, stale_ok):
-            top.add(chunk)
+        if shard_map is None:
+            for chunk in self._score_chunks(model, queries, device, stale_ok):
+                top.add(chunk)
+            return top.result()
+        left = self.preconditioned(self.query_gradients(model, queries, device, stale_ok))
+        parts = shard_map(shard_top, self.shards, folder=str(self.folder.folder), left=left, k=top.k)
+        for offset, part in zip(self._offsets(), parts, strict=True):
+            top.add_top(part, offset)
         return top.result()
 
-    def self_influence(self) -> torch.Tensor:
+    def self_influence(self, shard_map: ShardMap | None = None) -> torch.Tensor:
         """g_i^T (C + damping I)^-1 g_i of every indexed example: [N] float32, >= 0, from the stored
-        rows alone (no model pass)."""
+        rows alone (no model pass). `shard_map`: one job per shard."""
         inverses = self.curvature.inverse(self.damping, torch.float32)
-        parts = [(apply_blocks(chunk, inverses) * chunk).sum(1) for chunk in self.rows()]
+        if shard_map is None:
+            parts = [(apply_blocks(chunk, inverses) * chunk).sum(1) for chunk in self.rows()]
+        else:
+            parts = shard_map(shard_self_influence, self.shards, folder=str(self.folder.folder), inverses=inverses)
         return _finite(torch.cat(parts), "Self-influence scores")
 
     def describe(self) -> dict:
@@ -155,6 +172,33 @@ class GradientIndex:
         return {"folder": str(self.folder.folder), "rows": self.n, "dim": self.dim, "damping": self.damping,
                 "config": json.loads(self.config.key()), "shards": len(self.shards),
                 "metadata": self.header.get("metadata", {})}
+
+
+def _chunks(folder: IndexFolder, shard: ShardMeta, verify: bool = False) -> Iterator[torch.Tensor]:
+    stored = folder.open_rows(shard, verify)
+    for start in range(0, shard.rows, CHUNK_ROWS):
+        # a copy (np.array): torch wants writable memory, and the memmap is read-only
+        yield torch.from_numpy(np.array(stored[start : start + CHUNK_ROWS], dtype=np.float32))
+
+
+def shard_scores(shard: ShardMeta, *, folder: str, left: torch.Tensor) -> torch.Tensor:
+    """Job: scores [Q, rows] of preconditioned query rows `left` [Q, D] against one stored shard."""
+    return torch.cat([left @ chunk.T for chunk in _chunks(IndexFolder(Path(folder)), shard)], dim=1)
+
+
+def shard_top(shard: ShardMeta, *, folder: str, left: torch.Tensor, k: int) -> TopInfluences:
+    """Job: the top `k` (capped at the shard's rows) of each query within one shard, indices local
+    to the shard (StreamingTop.add_top merges them)."""
+    top = StreamingTop(min(k, shard.rows))
+    for chunk in _chunks(IndexFolder(Path(folder)), shard):
+        top.add(left @ chunk.T)
+    return top.result()
+
+
+def shard_self_influence(shard: ShardMeta, *, folder: str, inverses: list[torch.Tensor]) -> torch.Tensor:
+    """Job: self-influence [rows] of one stored shard's examples."""
+    return torch.cat([(apply_blocks(chunk, inverses) * chunk).sum(1) for chunk in _chunks(IndexFolder(Path(folder)),
+                                                                                          shard)])
 
 
 def _finite(scores: torch.Tensor, what: str) -> torch.Tensor:
