@@ -91,7 +91,7 @@ def main() -> None:
           "| peak RSS per worker MiB |")
     print("|---|---|---|---|---|---|")
     for name, build, query, peak, workers in rows:
-        per_worker = ", ".join(f"{w:.0f}" for w in workers) or "-"
+        per_worker = ", ".join(f"{w:.1f}" for w in workers) or "-"
         print(f"| {name} | {build:.1f} | {build * 10_000 / args.n:.0f} | {query:.2f} | {peak:.0f} | {per_worker} |")
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 

@@ -57,7 +57,8 @@ def ui_command(workdir: Path) -> str:
 
 def use_store(workdir: Path, experiment: str = EXPERIMENT, tracking: str | None = None) -> str:
     """Point MLflow at the workdir's store (or `tracking`, e.g. an MLflow server URL) and make
-    `experiment` active, creating it with artifacts under `<workdir>/mlruns`. Returns its id.
+    `experiment` active, creating it with artifacts under `<workdir>/mlruns` (on an http(s) server:
+    where the server puts artifacts, e.g. served by it). Returns its id.
     StoreMoved when the workdir's own store keeps that experiment's artifacts elsewhere (a copied
     or moved workdir, not relocated yet)."""
     workdir = Path(workdir).resolve()
@@ -69,7 +70,10 @@ def use_store(workdir: Path, experiment: str = EXPERIMENT, tracking: str | None 
     mlflow.set_registry_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=(workdir / ARTIFACTS).as_uri())
+        # an `mlflow server` keeps the artifacts where it is configured to (e.g. --serve-artifacts)
+        served = uri.startswith(("http://", "https://"))
+        experiment_id = mlflow.create_experiment(
+            experiment, artifact_location=None if served else (workdir / ARTIFACTS).as_uri())
     else:
         if tracking is None and _local_path(found.artifact_location) not in (None, workdir / ARTIFACTS):
             raise StoreMoved(f"The MLflow store in {workdir} keeps its artifacts in "
