@@ -1,0 +1,3 @@
+-- the two databases of deploy/compose.yaml (the image creates the user)
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;
