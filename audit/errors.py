@@ -42,3 +42,7 @@ class InvalidInput(AuditError):
 
 class NumericalError(AuditError):
     """A computation produced non-finite values (curvature, scores, losses)."""
+
+
+class ClusterFailed(AuditError):
+    """The Dask cluster failed under the index's jobs (scheduler gone, a job's workers kept dying)."""

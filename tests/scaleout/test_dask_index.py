@@ -16,7 +16,7 @@ import torch
 
 from audit.demo.digits import load_digits_splits
 from audit.demo.models import SmallResNet
-from audit.errors import InvalidInput
+from audit.errors import ClusterFailed, InvalidInput
 from audit.influence.index import IndexConfig, build_index
 from audit.influence.index.cluster import shard_map
 
@@ -57,6 +57,9 @@ class Cluster:
 
     def kill_worker(self, i: int) -> None:
         os.killpg(self.workers[i].pid, signal.SIGKILL)  # the worker and its nanny, no goodbye
+
+    def kill_scheduler(self) -> None:
+        os.killpg(self.scheduler.pid, signal.SIGKILL)
 
     def close(self) -> None:
         for process in [*self.workers, self.scheduler]:
@@ -152,6 +155,40 @@ def test_a_worker_killed_mid_build_is_retried_by_dask_and_the_index_is_whole(set
     # what the killed worker was writing is left under a temporary name that no reader opens
     assert {p.name for p in (root / index.folder.folder.name / "shards").glob("*.npy")} == {
         f"{s.digest}.npy" for s in local.shards}
+
+
+def test_a_scheduler_lost_mid_build_fails_in_one_sentence_and_the_next_build_reuses_the_finished_shards(
+        setup, tmp_path):
+    model, splits, local = setup
+    own = Cluster(tmp_path / "dask", workers=2)
+    root = tmp_path / "index"
+    failure = {}
+
+    def build():
+        try:
+            with shard_map(address=own.address) as run:
+                build_index(model, splits.train.dataset(), root, CONFIG, progress=False, shard_map=run)
+        except Exception as error:  # noqa: BLE001 - checked below
+            failure["error"] = error
+
+    try:
+        thread = threading.Thread(target=build)
+        thread.start()
+        _wait_for(lambda: list(root.glob("*/shards/*.safetensors")), 120, "the first stored shard")
+        own.kill_scheduler()
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+    finally:
+        own.close()
+    error = failure.get("error")
+    assert isinstance(error, ClusterFailed), repr(error)
+    assert str(error).startswith(f"The Dask cluster at {own.address} lost the index's jobs")
+    assert not list(root.glob("*/data-*.json"))  # no training set was recorded as indexed
+    with one_thread():
+        again = build_index(model, splits.train.dataset(), root, CONFIG, progress=False)
+    assert again.stats.reused >= 1 and again.stats.computed + again.stats.reused == 9
+    assert again.shards == local.shards
+    assert all(torch.equal(a, b) for a, b in zip(again.rows(verify=True), local.rows(), strict=True))
 
 
 def test_a_local_cluster_of_workers_gives_the_same_index(setup, tmp_path):

@@ -12,7 +12,9 @@ not with every job. Jobs are pure functions of their arguments that write conten
 files renamed into place (store.py), so Dask may run one twice: a job whose worker died is
 rescheduled on another worker (Dask's own failure handling, up to
 `distributed.scheduler.allowed-failures` times) and a job that raised is retried `retries` times,
-without ever leaving a half-written shard that a reader would trust.
+without ever leaving a half-written shard that a reader would trust. When the cluster itself
+fails (the scheduler is lost, or a job's workers keep dying) the map raises ClusterFailed, one
+sentence; the shards finished so far stay and a later build reuses them.
 
 Workers must see the index folder at the same path (one machine, or a shared filesystem) and
 import this package. Dask is imported only when a cluster is asked for.
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from audit.errors import InvalidInput
+from audit.errors import ClusterFailed, InvalidInput
 
 
 class ShardMap(Protocol):
@@ -80,11 +82,22 @@ def _unboxed(item: Any, fn: Callable[..., Any], **boxed: _Boxed) -> Any:
 
 def client_map(client, retries: int = 2) -> ShardMap:
     """A ShardMap on the Dask cluster of `client` (a distributed.Client), which the caller owns."""
+    from concurrent.futures import CancelledError
+
+    from distributed import KilledWorker
+
+    address = client.scheduler.address
+
     def run(fn: Callable[..., Any], items: Sequence[Any], **shared: Any) -> list[Any]:
         if not items:
             return []
         broadcast = {name: client.scatter(_Boxed(value), broadcast=True, hash=False) for name, value in shared.items()}
         futures = client.map(_unboxed, list(items), fn=fn, pure=False, retries=retries, **broadcast)
-        return client.gather(futures)
+        try:
+            return client.gather(futures)
+        except (KilledWorker, OSError, CancelledError) as error:  # the cluster, not a job, failed
+            why = f"{type(error).__name__}: {error}"
+            raise ClusterFailed(f"The Dask cluster at {address} lost the index's jobs ({why}); what they finished "
+                                "is kept and reused when the audit runs again.") from error
 
     return run
