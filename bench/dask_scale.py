@@ -11,8 +11,9 @@ Rows, each into an empty index folder:
   W workers      a Dask LocalCluster of W single-threaded worker processes on loopback
                  (`shard_map(workers=W)`), started before the clock; the build, then the top-10 of
                  the 100 flagged with the per-shard jobs on the workers
-Memory: this process's peak RSS (getrusage) and each worker's peak RSS, read on the workers
-after the run. The table also gives build seconds per 10k examples. The machine's core count
+Memory: this process's peak RSS (getrusage) and each worker's peak RSS (VmHWM, reset once the
+worker has imported what a job needs, read after the run). The workers import before the clock.
+The table also gives build seconds per 10k examples. The machine's core count
 is printed: more workers than cores share them.
 """
 
@@ -38,8 +39,23 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
 
 
+def _worker_ready() -> None:
+    """On a worker, before the clock: the imports a job needs, and its peak RSS reset (VmHWM; a
+    process started by fork inherits its parent's)."""
+    import transformers  # noqa: F401
+
+    import audit.influence.index.build  # noqa: F401
+
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _hwm_mib() -> float:
+    status = Path("/proc/self/status").read_text()
+    return float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / MIB
+
+
 def _worker_peaks(client) -> list[float]:
-    return sorted(client.run(_peak_mib).values())
+    return sorted(client.run(_hwm_mib).values())
 
 
 def main() -> None:
@@ -75,6 +91,7 @@ def main() -> None:
         for workers in args.workers:
             with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                               dashboard_address=None) as cluster, Client(cluster) as client:
+                client.run(_worker_ready)
                 run = client_map(client, retries=2)
                 start = time.perf_counter()
                 sharded = build_index(classifier, data, Path(root) / f"dask{workers}", config, progress=False,
