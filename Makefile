@@ -21,6 +21,19 @@ INSTALL_CHROMIUM := \
 		|| echo "apt-get could not install chromium: browser tests will skip"; \
 	else echo "not root and no passwordless sudo: browser tests will skip (apt-get install chromium chromium-driver)"; fi
 
+# tests/deploy/test_team.py starts PostgreSQL 15 (initdb, pg_ctl; Debian's `postgresql`). Installed
+# the same way when missing; where it cannot be, that test skips and says why.
+APT_POSTGRES := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
+INSTALL_POSTGRES := \
+	if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: the team-setup test will skip (no PostgreSQL)"; \
+	elif [ "$$(id -u)" = 0 ]; then sh -c '$(APT_POSTGRES) || { apt-get update -qq && $(APT_POSTGRES); }' \
+		|| echo "apt-get could not install postgresql: the team-setup test will skip"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo -n sh -c '$(APT_POSTGRES) || { apt-get update -qq && $(APT_POSTGRES); }' \
+		|| echo "apt-get could not install postgresql: the team-setup test will skip"; \
+	else echo "not root and no passwordless sudo: the team-setup test will skip (apt-get install postgresql)"; fi
+
 # torch/torchvision are pinned to the releases that pip installs from this machine's disk
 # (other versions download several GB); installed first so the resolver never looks elsewhere.
 $(STAMP): pyproject.toml
@@ -28,6 +41,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	-@$(INSTALL_CHROMIUM)
+	-@$(INSTALL_POSTGRES)
 	touch $(STAMP)
 
 demo: $(STAMP)
