@@ -96,13 +96,20 @@ class _NoTracebackForUserErrors(logging.Filter):
 
 
 def _run(action):
-    """Run a command body; AuditError or invalid settings -> one sentence on stderr and exit code 2."""
+    """Run a command body; AuditError, invalid settings or an MLflow server that failed (after the
+    client's own retries) -> one sentence on stderr and exit code 2."""
+    from mlflow.exceptions import MlflowException
+
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
     try:
         return action()
     except AuditError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    except MlflowException as exc:
+        first = (exc.message or str(exc)).strip().splitlines()[0][:400]
+        typer.echo(f"error: MLflow failed: {first}", err=True)
         raise typer.Exit(code=2) from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

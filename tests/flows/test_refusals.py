@@ -165,3 +165,18 @@ def test_pixels_outside_the_training_range_are_refused_naming_the_range_and_the_
     assert (quarantined / "batch.parquet").exists()
     outcome = json.loads((quarantined / "flagged_validation.json").read_text())
     assert outcome["success"] is False
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_sentence_and_exit_2(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client's own retries, spent at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    out = CliRunner().invoke(app, ["audit", "--workdir", str(tmp_path), "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert out.exit_code == 2, out.output
+    errors = [line for line in out.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: MLflow failed: ") and str(port) in errors[0]
+    assert "Traceback" not in out.output
