@@ -7,32 +7,24 @@ WORKDIR ?= audit-workdir
 
 .PHONY: demo test test-fast lint bench ui clean
 
-# tests/browser drive Debian's chromium through its chromium-driver. Installed with apt-get when
-# missing and this user may (root, or passwordless sudo); otherwise nothing is installed, make goes
-# on, and those tests skip saying why.
-APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
-INSTALL_CHROMIUM := \
-	if command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then :; \
-	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: browser tests will skip (no chromium)"; \
-	elif [ "$$(id -u)" = 0 ]; then sh -c '$(APT_CHROMIUM) || { apt-get update -qq && $(APT_CHROMIUM); }' \
-		|| echo "apt-get could not install chromium: browser tests will skip"; \
+# Debian packages some tests need, installed with apt-get when missing and this user may (root, or
+# passwordless sudo); otherwise nothing is installed, make goes on, and those tests skip saying why.
+# $(call APT_INSTALL,<packages>,<shell test that they are there>,<the tests that skip without them>)
+APT_GET = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1)
+APT_INSTALL = \
+	if $(2); then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: $(3) will skip (no $(1))"; \
+	elif [ "$$(id -u)" = 0 ]; then sh -c '$(call APT_GET,$(1)) || { apt-get update -qq && $(call APT_GET,$(1)); }' \
+		|| echo "apt-get could not install $(1): $(3) will skip"; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-		sudo -n sh -c '$(APT_CHROMIUM) || { apt-get update -qq && $(APT_CHROMIUM); }' \
-		|| echo "apt-get could not install chromium: browser tests will skip"; \
-	else echo "not root and no passwordless sudo: browser tests will skip (apt-get install chromium chromium-driver)"; fi
+		sudo -n sh -c '$(call APT_GET,$(1)) || { apt-get update -qq && $(call APT_GET,$(1)); }' \
+		|| echo "apt-get could not install $(1): $(3) will skip"; \
+	else echo "not root and no passwordless sudo: $(3) will skip (apt-get install $(1))"; fi
 
-# tests/deploy/test_team.py starts PostgreSQL 15 (initdb, pg_ctl; Debian's `postgresql`). Installed
-# the same way when missing; where it cannot be, that test skips and says why.
-APT_POSTGRES := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
-INSTALL_POSTGRES := \
-	if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
-	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: the team-setup test will skip (no PostgreSQL)"; \
-	elif [ "$$(id -u)" = 0 ]; then sh -c '$(APT_POSTGRES) || { apt-get update -qq && $(APT_POSTGRES); }' \
-		|| echo "apt-get could not install postgresql: the team-setup test will skip"; \
-	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-		sudo -n sh -c '$(APT_POSTGRES) || { apt-get update -qq && $(APT_POSTGRES); }' \
-		|| echo "apt-get could not install postgresql: the team-setup test will skip"; \
-	else echo "not root and no passwordless sudo: the team-setup test will skip (apt-get install postgresql)"; fi
+# tests/browser drive Debian's chromium through its chromium-driver.
+INSTALL_CHROMIUM := $(call APT_INSTALL,chromium chromium-driver,command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1,browser tests)
+# tests/deploy/test_team.py starts PostgreSQL 15 (initdb, pg_ctl: Debian's `postgresql`).
+INSTALL_POSTGRES := $(call APT_INSTALL,postgresql,command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1,the team-setup test)
 
 # torch/torchvision are pinned to the releases that pip installs from this machine's disk
 # (other versions download several GB); installed first so the resolver never looks elsewhere.

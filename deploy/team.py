@@ -157,7 +157,8 @@ def _spawn(team: Team, name: str, command: list[str], env: dict[str, str]) -> No
     team.save()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether the process group `pid` leads still has a process."""
     try:
         os.killpg(pid, 0)
         return True
@@ -171,7 +172,7 @@ def stop(team: Team) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
             time.sleep(0.2)

@@ -28,8 +28,7 @@ from torch import nn
 
 from audit.errors import InvalidInput
 from audit.examples import ExampleTable
-
-INDEX = "index"  # CorrectionConfig.method that re-scores against a gradient index (as audit.scoring)
+from audit.scoring import INDEX  # CorrectionConfig.method that re-scores against a gradient index
 
 # scorer(model, train, queries) -> [Q, N] influence scores at the queries' labels
 Scorer = Callable[[nn.Module, ExampleTable, ExampleTable], torch.Tensor]
@@ -64,7 +63,7 @@ def index_scorer(index, model: nn.Module, train: ExampleTable) -> Scorer:
         if tuple(table.ids) != ids:
             raise InvalidInput("The index scorer was given another training set than the one indexed.")
         left = index.preconditioned(index.query_gradients(current, queries.dataset(), stale_ok=True))  # [Q, D]
-        out = torch.cat([left @ rows.T for rows in index.rows()], dim=1)  # [Q, N], as GradientIndex.scores
+        out = index.scores_of(left)  # [Q, N]
         changed = (table.labels != indexed_labels).nonzero().flatten()
         if len(changed):
             # at the indexed model, so stale_ok=False also checks that `index` belongs to `model`

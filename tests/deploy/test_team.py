@@ -26,36 +26,23 @@ def _why_no_postgres() -> str | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def test_a_champion_move_is_audited_by_the_worker_on_dask_and_a_gated_challenger_registered(tmp_path,
                                                                                            digits_splits):
     reason = _why_no_postgres()
     if reason:
         pytest.skip(reason)
-    import mlflow
     import psycopg2
     import requests
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from audit.demo.digits import INPUT_SHAPE, NUM_CLASSES
-    from audit.demo.models import SmallResNet
-    from audit.flagged import flagged_frame, write_batch
-    from audit.training import TrainConfig, predict_logits, train
+    from audit.flagged import write_batch
     from deploy.service import ServiceSettings
-    from deploy.team import POOL, team_stack
+    from deploy.team import POOL, alive, team_stack
     from flows.settings import AuditSettings, CorrectionSettings, GateSettings, StoreSettings
-    from registry_hooks.lineage import log_training_data
-    from registry_hooks.model_io import ModelSpec, log_classifier
     from registry_hooks.registry import register_version
     from registry_hooks.store import use_store
+    from tests.digits_helpers import log_small_cnn
 
     workdir = tmp_path / "workdir"
     # gates that every finite repair passes (what is tested is who runs what, not the gate values)
@@ -67,16 +54,8 @@ def test_a_champion_move_is_audited_by_the_worker_on_dask_and_a_gated_challenger
     with team_stack(tmp_path / "state", service) as team:
         started = dict(team.processes)
         use_store(workdir, tracking=team.mlflow_url)
-        train_part = digits_splits.train.subset(list(range(300)))
-        model = SmallResNet()
-        train(model, train_part.dataset(), TrainConfig(epochs=8))
-        with mlflow.start_run():
-            log_training_data(train_part, digits_splits.validation)
-            uri = log_classifier(model, ModelSpec(INPUT_SHAPE, NUM_CLASSES))
-        production = digits_splits.production
-        predicted = predict_logits(model, production.inputs).argmax(1)
-        wrong = (predicted != production.labels).nonzero().flatten()[:4].tolist()
-        write_batch(flagged_frame(production.subset(wrong), predicted[wrong]), workdir / "inbox" / "batch.parquet")
+        uri, frame = log_small_cnn(digits_splits, n_flagged=4)
+        write_batch(frame, workdir / "inbox" / "batch.parquet")
         register_version(uri, MODEL, "champion")  # the alias event: MLflow -> receiver -> Prefect -> worker
 
         client = MlflowClient(team.mlflow_url, registry_uri=team.mlflow_url)
@@ -114,5 +93,5 @@ def test_a_champion_move_is_audited_by_the_worker_on_dask_and_a_gated_challenger
         (run,) = deployment_runs()
         assert run["state_type"] == "COMPLETED" and run["work_pool_name"] == POOL
         assert "mlflow:alias" in " ".join(run["tags"]) or any(t.startswith("mlflow:") for t in run["tags"])
-    assert not any(_alive(pid) for pid in started.values())
+    assert not any(alive(pid) for pid in started.values())
     assert not Path(team.pg_data).exists() or not (Path(team.pg_data) / "postmaster.pid").exists()

@@ -8,33 +8,20 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from audit.demo.digits import INPUT_SHAPE, NUM_CLASSES
-from audit.demo.models import SmallResNet
 from audit.errors import InvalidFlaggedBatch
-from audit.flagged import flagged_frame, write_batch
-from audit.training import TrainConfig, predict_logits, train
+from audit.flagged import write_batch
 from flows.audit_flow import audit
 from flows.settings import AuditSettings, StoreSettings
 from registry_hooks.audit_log import load_table
-from registry_hooks.lineage import log_training_data
-from registry_hooks.model_io import ModelSpec, log_classifier
 from registry_hooks.registry import register_version
+from tests.digits_helpers import log_small_cnn
 
 
 @pytest.fixture
 def registered(mlflow_store, digits_splits):
     """A briefly trained digits CNN registered as m@champion with its data lineage."""
-    train_part = digits_splits.train.subset(list(range(300)))
-    model = SmallResNet()
-    train(model, train_part.dataset(), TrainConfig(epochs=8))
-    with mlflow.start_run():
-        log_training_data(train_part, digits_splits.validation)
-        uri = log_classifier(model, ModelSpec(INPUT_SHAPE, NUM_CLASSES))
+    uri, frame = log_small_cnn(digits_splits, n_flagged=6)
     register_version(uri, "m", "champion")
-    production = digits_splits.production
-    predicted = predict_logits(model, production.inputs).argmax(1)
-    wrong = (predicted != production.labels).nonzero().flatten()[:6].tolist()
-    frame = flagged_frame(production.subset(wrong), predicted[wrong])
     return mlflow_store, frame
 
 

@@ -18,9 +18,10 @@ from audit.correction.rescoring import rescoring
 from audit.demo.digits import load_digits_splits
 from audit.errors import InvalidInput
 from audit.examples import ExampleTable
-from audit.influence import influence_scores, register_method, registry
+from audit.influence import influence_scores
 from audit.influence.index import IndexConfig, build_index
 from audit.training import predict_logits
+from tests.unit.influence_helpers import counted_fits
 
 CONFIG = CorrectionConfig(strategy="reinforce", k=5, steps=1, lr=1e-6, replay_size=32, rounds=3)
 
@@ -41,14 +42,7 @@ def setup():
 @pytest.fixture
 def counted_ekfac():
     """`counted_ekfac`: ekfac with its fit counted (the registered fit wrapped, nothing mocked)."""
-    ekfac = registry.lookup("ekfac")
-    fits = []
-
-    def fit(ctx, train, n):
-        fits.append(n)
-        return ekfac.fit(ctx, train, n)
-
-    with register_method(dataclasses.replace(ekfac, name="counted_ekfac", fit=fit, restore=None)):
+    with counted_fits("ekfac") as fits:
         yield fits
 
 

@@ -5,8 +5,6 @@ curvature fitted with other options or over other parameters is refused."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
@@ -17,11 +15,9 @@ from audit.influence import (
     compute_influence,
     fit_influence_curvature,
     influence_scores,
-    register_method,
-    registry,
     self_influence,
 )
-from tests.unit.influence_helpers import tiny_data, tiny_mlp
+from tests.unit.influence_helpers import counted_fits, tiny_data, tiny_mlp
 
 TRAIN, QUERIES = tiny_data(24, seed=1), tiny_data(5, seed=2)
 
@@ -29,14 +25,7 @@ TRAIN, QUERIES = tiny_data(24, seed=1), tiny_data(5, seed=2)
 @pytest.fixture
 def counted():
     """`counted_exact`: the exact method with its registered fit wrapped to count calls."""
-    exact = registry.lookup("exact")
-    fits = []
-
-    def fit(ctx, train, n):
-        fits.append(n)
-        return exact.fit(ctx, train, n)
-
-    with register_method(dataclasses.replace(exact, name="counted_exact", fit=fit, restore=None)):
+    with counted_fits("exact") as fits:
         yield fits
 
 

@@ -23,7 +23,7 @@ from audit.errors import InvalidInput, NumericalError
 from audit.influence.batches import collate, dataset_size, to_device
 from audit.influence.gradients import loss_cotangents
 from audit.influence.index.build import BuildStats, model_context, model_key, ordered_batches
-from audit.influence.index.cluster import ShardMap
+from audit.influence.index.cluster import ShardMap, local_map
 from audit.influence.index.config import IndexConfig
 from audit.influence.index.curvature import ProjectedCurvature, apply_blocks
 from audit.influence.index.projection import Projector, indexed_layers
@@ -119,52 +119,39 @@ class GradientIndex:
         inverses = self.curvature.inverse(self.damping, torch.float64)
         return apply_blocks(gradients.double(), inverses).float()
 
-    def _score_chunks(self, model, queries, device, stale_ok) -> Iterator[torch.Tensor]:
-        left = self.preconditioned(self.query_gradients(model, queries, device, stale_ok))
-        for chunk in self.rows():
-            yield left @ chunk.T  # [Q, r]
-
     def scores_of(self, preconditioned: torch.Tensor, shard_map: ShardMap | None = None) -> torch.Tensor:
         """Dense scores [b, N] (float32) of already preconditioned query rows [b, D] (from
         `preconditioned`), one pass over the stored rows: score a large batch a block at a time.
-        `shard_map` (audit.influence.index.cluster): one job per shard, e.g. on Dask workers."""
-        left = preconditioned.float()
-        if shard_map is None:
-            out = torch.cat([left @ chunk.T for chunk in self.rows()], dim=1)
-        else:
-            out = torch.cat(shard_map(shard_scores, self.shards, folder=str(self.folder.folder), left=left), dim=1)
+        `shard_map` (audit.influence.index.cluster): where the per-shard jobs run (default here)."""
+        run = shard_map or local_map
+        out = torch.cat(run(shard_scores, self.shards, folder=str(self.folder.folder), left=preconditioned.float()),
+                        dim=1)
         return _finite(out, "Influence scores")
 
     def scores(self, model: nn.Module, queries: Dataset, device=None, stale_ok: bool = False) -> torch.Tensor:
         """Dense influence scores [Q, N] (float32) of every indexed example on every query. Holds
         [Q, N] in memory: for large N, use `top`."""
-        out = torch.cat(list(self._score_chunks(model, queries, device, stale_ok)), dim=1)
-        return _finite(out, "Influence scores")
+        return self.scores_of(self.preconditioned(self.query_gradients(model, queries, device, stale_ok)))
 
     def top(self, model: nn.Module, queries: Dataset, k: int, device=None, stale_ok: bool = False,
             shard_map: ShardMap | None = None) -> TopInfluences:
         """The k most helpful and k most harmful indexed examples per query, streamed: memory
         O(Q x (k + CHUNK_ROWS)) whatever N. Same result as `top_influences(self.scores(...), k)`.
-        `shard_map`: each shard's top k is found by its own job, then merged in shard order."""
+        Each shard's top k is found by its own job (`shard_map`, default here), then merged in
+        shard order."""
         top = StreamingTop(min(k, self.n))
-        if shard_map is None:
-            for chunk in self._score_chunks(model, queries, device, stale_ok):
-                top.add(chunk)
-            return top.result()
         left = self.preconditioned(self.query_gradients(model, queries, device, stale_ok))
-        parts = shard_map(shard_top, self.shards, folder=str(self.folder.folder), left=left, k=top.k)
+        parts = (shard_map or local_map)(shard_top, self.shards, folder=str(self.folder.folder), left=left, k=top.k)
         for offset, part in zip(self._offsets(), parts, strict=True):
             top.add_top(part, offset)
         return top.result()
 
     def self_influence(self, shard_map: ShardMap | None = None) -> torch.Tensor:
         """g_i^T (C + damping I)^-1 g_i of every indexed example: [N] float32, >= 0, from the stored
-        rows alone (no model pass). `shard_map`: one job per shard."""
+        rows alone (no model pass). `shard_map`: where the per-shard jobs run (default here)."""
         inverses = self.curvature.inverse(self.damping, torch.float32)
-        if shard_map is None:
-            parts = [(apply_blocks(chunk, inverses) * chunk).sum(1) for chunk in self.rows()]
-        else:
-            parts = shard_map(shard_self_influence, self.shards, folder=str(self.folder.folder), inverses=inverses)
+        parts = (shard_map or local_map)(shard_self_influence, self.shards, folder=str(self.folder.folder),
+                                         inverses=inverses)
         return _finite(torch.cat(parts), "Self-influence scores")
 
     def describe(self) -> dict:
