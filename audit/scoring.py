@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
+from audit.examples import ExampleTable
+from audit.frozen_features import split_frozen
 from audit.influence import METHODS, influence_scores, self_influence
 from audit.influence.index import IndexConfig, build_index
 from audit.influence.index.cluster import ShardMap
@@ -76,27 +77,35 @@ def choose_method(model: nn.Module, n_train: int) -> str:
     return INDEX if n_train * params > INDEX_ABOVE else "ekfac"
 
 
-def score_flagged(model: nn.Module, train: Dataset, flagged: Dataset, method: str, cache_dir: str | os.PathLike,
-                  progress: bool = False, index_config: IndexConfig | None = None,
+def score_flagged(model: nn.Module, train: ExampleTable, flagged: ExampleTable, method: str,
+                  cache_dir: str | os.PathLike, progress: bool = False, index_config: IndexConfig | None = None,
                   metadata: dict | None = None, shard_map: ShardMap | None = None) -> FlaggedScores:
-    """Scores of `train` against `flagged` (map-style datasets of `(inputs, label)`, flagged at
-    the reviewer's labels) with `method`: an engine method, INDEX, or AUTO (choose_method).
+    """Scores of `train` against `flagged` (flagged at the reviewer's labels) with `method`: an
+    engine method, INDEX, or AUTO (choose_method).
 
     `cache_dir` keeps what later audits of the same model reuse: the engine's fitted curvatures,
     or the index under `<cache_dir>/index` (built on the first audit, `index_config` its options,
     `metadata` such as the model's name and version recorded in it). `shard_map`
     (audit.influence.index.cluster): where the index's shard jobs run (its build, the score
     blocks, self-influence), e.g. Dask workers; the engine's methods run here whatever it is. The
-    score blocks call it when they are read: keep it open until the findings are built."""
+    score blocks call it when they are read: keep it open until the findings are built.
+
+    The engine's methods score the model's trainable head on its frozen part's features when the
+    rest of the model is frozen (audit.frozen_features): the same gradients, one pass of the
+    frozen layers instead of one per influence pass. The index keeps the whole model: a stored
+    index is read without a pass over the training set."""
     if method == AUTO:
-        method = choose_method(model, len(train))  # type: ignore[arg-type]
+        method = choose_method(model, len(train))
     if method == INDEX:
-        index = build_index(model, train, Path(cache_dir) / "index", index_config or IndexConfig(), progress=progress,
-                            metadata=metadata, shard_map=shard_map)
-        left = index.preconditioned(index.query_gradients(model, flagged))  # [Q, D]: small next to [Q, N]
+        index = build_index(model, train.dataset(), Path(cache_dir) / "index", index_config or IndexConfig(),
+                            progress=progress, metadata=metadata, shard_map=shard_map)
+        left = index.preconditioned(index.query_gradients(model, flagged.dataset()))  # [Q, D]: small next to [Q, N]
         blocks = ScoreBlocks(len(left), index.n, lambda start, stop: index.scores_of(left[start:stop], shard_map),
                              max(1, BLOCK_ELEMENTS // index.n))
         return FlaggedScores(blocks, index.self_influence(shard_map), INDEX, index.describe())
-    scores = influence_scores(model, train, flagged, method=method, cache_dir=cache_dir, progress=progress)
-    self_scores = self_influence(model, train, method=method, cache_dir=cache_dir, progress=progress)
+    frozen = split_frozen(model, train.inputs)
+    head_train, head_flagged = frozen.table(train).dataset(), frozen.table(flagged).dataset()
+    scores = influence_scores(frozen.head, head_train, head_flagged, method=method, cache_dir=cache_dir,
+                              progress=progress)
+    self_scores = self_influence(frozen.head, head_train, method=method, cache_dir=cache_dir, progress=progress)
     return FlaggedScores(ScoreBlocks.dense(scores), self_scores, method)

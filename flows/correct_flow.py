@@ -2,7 +2,9 @@
 influential training examples, several candidates), gate the chosen one, and register it as
 `challenger` only when every gate passes.
 
-Stages in order: load_audit, measure_horizon (which caps the repair's steps per round at the
+Stages in order: load_audit, frozen_features (the model's trainable head and the frozen part's
+features, when the rest is frozen: every later step but the gates then runs the head only),
+measure_horizon (which caps the repair's steps per round at the
 horizon the influence estimate holds for), search (candidates compared on a selection split of
 the validation data), evaluate (every gate, on the rest of it), log (metrics, candidates,
 gates.json, report.html), register.
@@ -10,6 +12,7 @@ gates.json, report.html), register.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ from audit.correction.report import (
 )
 from audit.examples import ExampleTable
 from audit.flagged import flagged_table
+from audit.frozen_features import FrozenFeatures, split_frozen
 from audit.gates import GateReport, GateThresholds, evaluate_gates
 from audit.verdict import StoreArgs, Verdict
 from flows.artifacts import publish_outcome
@@ -99,18 +103,33 @@ def load_audit(audit_run_id: str, allow_pickle: bool) -> AuditInputs:
 
 
 @task(cache_policy=NO_CACHE)
-def search(inputs: AuditInputs, selection: ExampleTable, thresholds: GateThresholds,
-           candidates: tuple[RepairCandidate, ...], max_steps: int, progress: bool) -> SearchResult:
-    """Every candidate repair of the whole flagged batch, gated on the selection split."""
-    return search_repairs(inputs.loaded.model, inputs.train, inputs.flagged, selection,
-                          inputs.loaded.spec.num_classes, thresholds, candidates, max_steps, progress)
+def frozen_features(inputs: AuditInputs) -> tuple[AuditInputs, FrozenFeatures]:
+    """What the horizon and the search work on: when the model's trainable parameters all sit in
+    its head, the head and every table as the frozen part's features, computed once
+    (audit.frozen_features); else the inputs themselves."""
+    frozen = split_frozen(inputs.loaded.model, inputs.train.inputs)
+    get_run_logger().info("repairs run on the %s", frozen.description)
+    work = dataclasses.replace(inputs, loaded=dataclasses.replace(inputs.loaded, model=frozen.head),
+                               train=frozen.table(inputs.train), validation=frozen.table(inputs.validation),
+                               flagged=frozen.table(inputs.flagged))
+    return work, frozen
 
 
 @task(cache_policy=NO_CACHE)
-def measure_horizon(inputs: AuditInputs, config: CorrectionConfig) -> pd.DataFrame:
+def search(work: AuditInputs, frozen: FrozenFeatures, selection: ExampleTable, thresholds: GateThresholds,
+           candidates: tuple[RepairCandidate, ...], max_steps: int, progress: bool) -> SearchResult:
+    """Every candidate repair of the whole flagged batch, gated on the selection split; the chosen
+    one comes back as the whole model."""
+    searched = search_repairs(work.loaded.model, work.train, work.flagged, selection, work.loaded.spec.num_classes,
+                              thresholds, candidates, max_steps, progress)
+    return searched.with_full_model(frozen.full_model)
+
+
+@task(cache_policy=NO_CACHE)
+def measure_horizon(work: AuditInputs, config: CorrectionConfig) -> pd.DataFrame:
     """How well influence predicts the query-loss change after s fine-tuning steps (s = 1..32):
     one row per s with Pearson/Spearman over (flagged query, training subset) pairs."""
-    return influence_horizon(inputs.loaded.model, inputs.train, inputs.flagged, config)
+    return influence_horizon(work.loaded.model, work.train, work.flagged, config)
 
 
 @task(cache_policy=NO_CACHE)
@@ -162,11 +181,13 @@ def correct(store: StoreSettings, settings: CorrectionSettings, audit_run_id: st
     candidates = settings.repair_candidates(candidates)
     thresholds = settings.thresholds()
     inputs = load_audit(audit_run_id, store.allow_pickle)
-    horizon = measure_horizon(inputs, candidates[0].config)
+    work, frozen = frozen_features(inputs)
+    horizon = measure_horizon(work, candidates[0].config)
     # re-score before the influence estimate goes stale (Schioppa et al. 2023)
     budget = trusted_steps(horizon, settings.min_horizon_correlation)
-    selection, gate_split = selection_split(inputs.validation, settings.selection_fraction)
-    searched = search(inputs, selection, thresholds, candidates, budget, settings.progress)
+    selection, _ = selection_split(work.validation, settings.selection_fraction)
+    _, gate_split = selection_split(inputs.validation, settings.selection_fraction)  # the same ids: split by id
+    searched = search(work, frozen, selection, thresholds, candidates, budget, settings.progress)
     chosen = searched.chosen
     loaded = inputs.loaded
     tags = RunTags(loaded.name, loaded.version, "correction", inputs.flagged_digest, audit_run_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -77,6 +78,18 @@ class SearchResult:
     @property
     def chosen(self) -> CandidateOutcome | None:
         return None if self.chosen_index is None else self.outcomes[self.chosen_index]
+
+    def with_full_model(self, full_model: Callable[[nn.Module], nn.Module]) -> SearchResult:
+        """This result with the chosen candidate's repaired model passed through `full_model`, e.g.
+        FrozenFeatures.full_model when the search repaired a model's head on its frozen features
+        (the other candidates' models are not gated or registered, so they stay as they are)."""
+        chosen = self.chosen
+        if chosen is None or chosen.repair is None:
+            return self
+        repair = dataclasses.replace(chosen.repair, model=full_model(chosen.repair.model))
+        outcomes = list(self.outcomes)
+        outcomes[self.chosen_index] = dataclasses.replace(chosen, repair=repair)
+        return SearchResult(tuple(outcomes), self.chosen_index)
 
     def failures(self) -> list[str]:
         """One phrase per candidate that failed selection: its name and each failed gate's reason."""

@@ -14,6 +14,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
 from audit.errors import InvalidInput, UnsupportedModel
+from audit.text_classifier import token_counts, trim_padding
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -111,3 +112,22 @@ def dataset_size(data: Dataset, name: str) -> int:
     if n == 0:
         raise InvalidInput(f"`{name}` is empty; influence needs at least one example.")
     return n
+
+
+def ordered_batches(inputs: Inputs, labels: torch.Tensor, batch_size: int, pad: int | None
+                    ) -> Iterator[tuple[torch.Tensor, Inputs, torch.Tensor]]:
+    """(positions, inputs, labels) batches covering every row once. Token ids of a TextClassifier
+    (`pad` its pad token) go shortest first with their common padding trimmed: the same gradients
+    for a fraction of the work on short sentences."""
+    n = len(labels)
+    text = pad is not None and isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and not inputs.is_floating_point()
+    order = torch.argsort(token_counts(inputs, pad), stable=True) if text else torch.arange(n)
+    for start in range(0, n, batch_size):
+        pos = order[start : start + batch_size]
+        if isinstance(inputs, dict):
+            x: Inputs = {k: v[pos] for k, v in inputs.items()}
+        else:
+            x = inputs[pos]
+            if text:
+                x = trim_padding(x, pad)
+        yield pos, x, labels[pos]

@@ -3,10 +3,16 @@ size choosing), and the same scores whichever way they are handed out."""
 
 import torch
 
+from audit.examples import ExampleTable
 from audit.influence import influence_scores, self_influence
 from audit.influence.index import IndexConfig, build_index
 from audit.scoring import AUTO, INDEX, INDEX_ABOVE, choose_method, score_flagged
 from tests.unit.influence_helpers import tiny_data, tiny_mlp
+
+
+def _table(n: int, seed: int) -> ExampleTable:
+    inputs, labels = tiny_data(n, seed).tensors
+    return ExampleTable(tuple(f"e{i}" for i in range(n)), inputs, labels)
 
 
 def test_auto_keeps_ekfac_for_small_models_and_takes_the_index_beyond_the_bound():
@@ -19,8 +25,9 @@ def test_auto_keeps_ekfac_for_small_models_and_takes_the_index_beyond_the_bound(
 
 
 def test_auto_on_a_small_model_gives_the_engines_ekfac_scores(tmp_path):
-    model, train, flagged = tiny_mlp(), tiny_data(30, seed=0), tiny_data(4, seed=1)
+    model, train, flagged = tiny_mlp(), _table(30, seed=0), _table(4, seed=1)
     scored = score_flagged(model, train, flagged, AUTO, tmp_path)
+    train, flagged = train.dataset(), flagged.dataset()
     assert scored.method == "ekfac" and scored.index is None
     blocks = torch.cat([block for _, block in scored.scores])
     torch.testing.assert_close(blocks, influence_scores(model, train, flagged, method="ekfac", progress=False))
@@ -31,9 +38,10 @@ def test_index_scores_come_in_blocks_that_make_up_the_index_scores(tmp_path, mon
     import audit.scoring
 
     monkeypatch.setattr(audit.scoring, "BLOCK_ELEMENTS", 2 * 30)  # two flagged rows per block
-    model, train, flagged = tiny_mlp(), tiny_data(30, seed=0), tiny_data(5, seed=1)
+    model, train, flagged = tiny_mlp(), _table(30, seed=0), _table(5, seed=1)
     config = IndexConfig(rank_in=3, rank_out=2)
     scored = score_flagged(model, train, flagged, INDEX, tmp_path, index_config=config)
+    train, flagged = train.dataset(), flagged.dataset()
     starts = [start for start, _ in scored.scores]
     assert starts == [0, 2, 4] and scored.method == INDEX and scored.index["rows"] == 30
     index = build_index(model, train, tmp_path / "index", config, progress=False)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from audit.errors import IntegrityError
-from audit.influence.batches import Inputs, collate, dataset_size, to_device
+from audit.influence.batches import Inputs, collate, dataset_size, ordered_batches, to_device
 from audit.influence.cache import hash_model, hash_tensor
 from audit.influence.config import InfluenceConfig
 from audit.influence.context import Context, evaluation, make_context
@@ -33,7 +33,7 @@ from audit.influence.index.curvature import ShardSums, block_sums
 from audit.influence.index.projection import KroneckerSums, Projector, indexed_layers, make_projections
 from audit.influence.index.store import IndexFolder, ShardMeta
 from audit.influence.params import ParamFilter
-from audit.text_classifier import padding_token, token_counts, trim_padding
+from audit.text_classifier import padding_token
 
 
 @dataclass(frozen=True)
@@ -76,25 +76,6 @@ def examples_digest(inputs: Inputs, labels: torch.Tensor) -> str:
         hash_tensor(h, inputs)
     hash_tensor(h, labels)
     return h.hexdigest()
-
-
-def ordered_batches(inputs: Inputs, labels: torch.Tensor, batch_size: int, pad: int | None
-                    ) -> Iterator[tuple[torch.Tensor, Inputs, torch.Tensor]]:
-    """(positions, inputs, labels) batches covering every row once. Token ids of a TextClassifier
-    (`pad` its pad token) go shortest first with their common padding trimmed: the same gradients
-    for a fraction of the work on short sentences."""
-    n = len(labels)
-    text = pad is not None and isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and not inputs.is_floating_point()
-    order = torch.argsort(token_counts(inputs, pad), stable=True) if text else torch.arange(n)
-    for start in range(0, n, batch_size):
-        pos = order[start : start + batch_size]
-        if isinstance(inputs, dict):
-            x: Inputs = {k: v[pos] for k, v in inputs.items()}
-        else:
-            x = inputs[pos]
-            if text:
-                x = trim_padding(x, pad)
-        yield pos, x, labels[pos]
 
 
 def shard_gradients(projector: Projector, inputs: Inputs, labels: torch.Tensor, seed: int, desc: str

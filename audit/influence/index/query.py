@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from audit.errors import InvalidInput, NumericalError
-from audit.influence.batches import collate, dataset_size, to_device
+from audit.influence.batches import collate, dataset_size, ordered_batches, to_device
 from audit.influence.gradients import loss_cotangents
-from audit.influence.index.build import BuildStats, model_context, model_key, ordered_batches
+from audit.influence.index.build import BuildStats, model_context, model_key
 from audit.influence.index.cluster import ShardMap, local_map
 from audit.influence.index.config import IndexConfig
 from audit.influence.index.curvature import ProjectedCurvature, apply_blocks
