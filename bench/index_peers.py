@@ -439,7 +439,9 @@ def minilm_case(sst2: str, n_train: int, n_queries: int, epochs: int, max_length
     return classifier, TensorDataset(ids, labels), TensorDataset(q_ids, q_labels), prefixes, accuracy
 
 
-def part_minilm(repeat: int, sst2: str, n_train: int, n_queries: int, epochs: int) -> None:
+def part_minilm(repeat: int, sst2: str, n_train: int, n_queries: int, epochs: int, only: list[str]) -> None:
+    """The MiniLM table; `only`: run the reference and the methods whose name contains one of these
+    (all when empty)."""
     from audit.demo.text_models import TrimPadding
 
     start = time.perf_counter()
@@ -463,6 +465,7 @@ def part_minilm(repeat: int, sst2: str, n_train: int, n_queries: int, epochs: in
         ("dattri LoGra, proj 1024 (32 x 32)", dattri_logra, trimmed, {"proj_dim": 1024, "modules": peer_prefixes}),
         ("kronfluence ekfac (damping = engine's)", kronfluence, trimmed, {"damping": "ref", "modules": peer_prefixes}),
     ]
+    methods = [m for i, m in enumerate(methods) if i == 0 or not only or any(o in m[0] for o in only)]
     results, failures = _run_rounds("minilm", methods, train, queries, False, repeat, damping_from=methods[0][0])
     ref = results[methods[0][0]]["queries"]
     rows = [[name, res.get("layers", float("nan")), res.get("dim", float("nan")), *agreement(res["queries"], ref),
@@ -497,6 +500,8 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=300)
     parser.add_argument("--n-queries", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs for minilm (0 = as is)")
+    parser.add_argument("--only", nargs="*", default=[], help="minilm: the reference and the methods whose name "
+                                                               "contains one of these")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
@@ -508,7 +513,7 @@ def main() -> None:
         if part == "mlp":
             part_mlp(args.repeat or 3)
         else:
-            part_minilm(args.repeat or 1, args.sst2, args.n_train, args.n_queries, args.epochs)
+            part_minilm(args.repeat or 1, args.sst2, args.n_train, args.n_queries, args.epochs, args.only)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
