@@ -148,3 +148,42 @@ def test_the_correction_runs_its_gates_and_registers_only_a_gated_transformers_c
     recovered = recover_training_data(ref.run_id, loaded.spec)
     labels = dict(zip(recovered.train.ids, recovered.train.labels.tolist(), strict=True))
     assert all(labels[i] == y for i, y in relabels.items())
+
+
+def test_a_repair_of_the_head_is_gated_and_registered_as_the_whole_transformers_model(demo):
+    """By construction (gates that any finite repair passes, as in tests/deploy/test_team.py): the
+    correction repairs pooler + classifier on the frozen encoder's features (audit.frozen_features)
+    and gates, exports and registers the whole model, every encoder weight the champion's."""
+    import shutil
+
+    import torch
+
+    from audit.correction import CorrectionConfig, RepairCandidate
+    from audit.text_classifier import TextClassifier
+    from flows.audit_flow import audit
+    from flows.correct_flow import correct
+    from flows.demo_sst2 import MODEL_NAME
+    from flows.settings import AuditSettings, CorrectionSettings, GateSettings, StoreSettings
+    from registry_hooks.model_io import load_version, resolve_version
+
+    workdir = demo.workdir
+    for batch in (workdir / "processed" / demo.audit.run_id).iterdir():  # a fresh audit of the same batch
+        shutil.copy(batch, workdir / "inbox" / batch.name)
+    store = StoreSettings(workdir=workdir)
+    audit_run_id = audit(store, AuditSettings(model_name=MODEL_NAME, method="graddot")).run_id
+    permissive = GateSettings(min_fix_rate=0.0, max_accuracy_drop_points=100.0, max_class_recall_drop_points=100.0,
+                              max_canary_flip_rate=1.0)
+    step = RepairCandidate("head-steps", CorrectionConfig(lr=1e-3, steps=3, rounds=1))
+    result = correct(store, CorrectionSettings(gates=permissive), audit_run_id, candidates=(step,))
+    assert result.gates is not None and result.gates.passed, result.failure_reasons()
+    repaired = result.search.chosen.repair.model
+    assert isinstance(repaired, TextClassifier)  # the whole model, not the head it was repaired as
+    assert [a.path for a in MlflowClient().list_artifacts(result.run_id, "onnx")] == ["onnx/model.onnx"]
+    challenger = load_version(resolve_version(MODEL_NAME, version=result.registered_version), allow_pickle=False)
+    champion = load_version(resolve_version(MODEL_NAME, version=demo.champion_version), allow_pickle=False)
+    after = dict(challenger.model.named_parameters())
+    for name, param in champion.model.named_parameters():
+        if not name.startswith(("model.bert.pooler.", "model.classifier.")):
+            assert torch.equal(param, after[name]), name
+    for name, param in repaired.state_dict().items():
+        torch.testing.assert_close(challenger.model.state_dict()[name], param, rtol=0, atol=0)
