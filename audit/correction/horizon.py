@@ -6,6 +6,7 @@ chosen from this curve."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from audit.correction.batch import check_inputs
 from audit.correction.config import CorrectionConfig
 from audit.correction.finetune import finetune_steps
 from audit.correction.rescoring import rescoring
-from audit.errors import InvalidInput
+from audit.errors import InvalidInput, NumericalError
 from audit.examples import ExampleTable
 from audit.training import predict_logits
 
@@ -33,7 +34,9 @@ def influence_horizon(
     record the actual loss change after each s in `steps`. The prediction for a subset is
     -mean of its scores (positive score = lower loss), the first-order change per unit of
     training on it; Pearson is invariant to that unit. Returns one row per s: `steps`,
-    `pearson`, `spearman`, `n_pairs` (query x subset pairs, NaN correlations if < 3 or constant).
+    `pearson`, `spearman`, `n_pairs` (query x subset pairs, NaN correlations if < 3 or constant,
+    or if any pair's loss is not finite by then: steps that diverge are no horizon, and
+    trusted_steps stops before them).
     """
     if not steps or any(int(s) < 1 for s in steps):
         raise InvalidInput(f"steps must be positive step counts; got {steps}.")
@@ -62,12 +65,15 @@ def influence_horizon(
             predicted.append(-scores[q, subset].mean().item())
             losses = {}
             copy_ = copy.deepcopy(model)
-            finetune_steps(copy_, train.inputs[subset], train.labels[subset], horizon[-1], config.lr,
-                           optimizer=config.optimizer,
-                           # called during this iteration only, so the loop variables are the current ones
-                           callback=lambda s: losses.__setitem__(s, _loss(copy_, x, y)) if s in actual else None)  # noqa: B023
+            try:
+                finetune_steps(copy_, train.inputs[subset], train.labels[subset], horizon[-1], config.lr,
+                               optimizer=config.optimizer,
+                               # called during this iteration only, so the loop variables are the current ones
+                               callback=lambda s: losses.__setitem__(s, _loss(copy_, x, y)) if s in actual else None)  # noqa: B023
+            except NumericalError:
+                pass  # the steps diverged: the steps from there on have no loss (NaN below)
             for s in horizon:
-                actual[s].append(losses[s] - before)
+                actual[s].append(losses.get(s, math.nan) - before)
     rows = []
     for s in horizon:
         frame = pd.DataFrame({"predicted": predicted, "actual": actual[s]})
@@ -96,6 +102,9 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _corr(frame: pd.DataFrame, method: str) -> float:
+    # a pair whose steps diverged (non-finite loss) leaves the whole step count untrusted
+    if not np.isfinite(frame["actual"]).all():
+        return float(np.nan)
     if len(frame) < 3 or frame["predicted"].nunique() < 2 or frame["actual"].nunique() < 2:
         return float(np.nan)
     return float(frame["predicted"].corr(frame["actual"], method=method))

@@ -120,3 +120,20 @@ def test_the_search_draws_a_progress_bar_over_the_candidates_only_when_asked(set
     assert "repair candidates" not in capfd.readouterr().err
     search_repairs(model, splits.train, flagged, selection, 10, GateThresholds(), (NO_OP,), progress=True)
     assert "repair candidates" in capfd.readouterr().err
+
+
+def test_a_horizon_measured_with_diverging_steps_trusts_one_step_and_the_search_goes_on(setup):
+    # the correct flow measures the horizon with the first candidate's settings: a first
+    # candidate that diverges must cost that candidate, not the whole correction
+    from audit.correction import influence_horizon, trusted_steps
+    from audit.examples import ExampleTable
+
+    model, splits, flagged, selection = setup
+    train_table: ExampleTable = splits.train
+    frame = influence_horizon(model, train_table, flagged, WRECK.config, steps=(1, 2, 4), max_queries=3)
+    assert frame["pearson"].isna().all() and frame["spearman"].isna().all() and set(frame["n_pairs"]) == {9}
+    budget = trusted_steps(frame, 0.5)
+    assert budget == 1
+    result = search_repairs(model, train_table, flagged, selection, 10, GateThresholds(min_fix_rate=0.0),
+                            (WRECK, NO_OP), max_steps=budget)
+    assert [o.candidate.name for o in result.outcomes] == ["wreck", "no-op"] and result.chosen.candidate.name == "no-op"
