@@ -31,6 +31,12 @@ SCORING_METHODS = (*METHODS, INDEX, AUTO)
 # index approximates; above it EK-FAC's passes over per-example gradients take many minutes per
 # audit while the index is built once per version.
 INDEX_ABOVE = 2**30
+# auto, for a frozen model's trainable head (audit.frozen_features): EK-FAC on the head costs one
+# pass of the frozen layers plus small head passes (MiniLM's pooler + classifier, P = 148,610:
+# 369 s at 20k sentences on 2 cores), while the index's 16 x 16 projection of such a head keeps 6-27%
+# of EK-FAC's top 10 (Spearman 0.15-0.23; bench/RESULTS.md, "Frozen features"). Up to this N x P
+# (about 115k examples of that head) the exact ranking is worth its minutes.
+HEAD_INDEX_ABOVE = 2**34
 
 
 BLOCK_ELEMENTS = 2**25  # scores held at once when they come in blocks: 128 MiB of float32
@@ -70,11 +76,12 @@ class FlaggedScores:
     index: dict | None = None
 
 
-def choose_method(model: nn.Module, n_train: int) -> str:
+def choose_method(model: nn.Module, n_train: int, head: bool = False) -> str:
     """What AUTO scores with: EK-FAC while N x P (training examples x trainable parameters) is at
-    most INDEX_ABOVE, the gradient index beyond."""
+    most INDEX_ABOVE, or HEAD_INDEX_ABOVE when `model` is the trainable head of a frozen model,
+    scored on the frozen part's features (`head`); the gradient index beyond."""
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return INDEX if n_train * params > INDEX_ABOVE else "ekfac"
+    return INDEX if n_train * params > (HEAD_INDEX_ABOVE if head else INDEX_ABOVE) else "ekfac"
 
 
 def score_flagged(model: nn.Module, train: ExampleTable, flagged: ExampleTable, method: str,
@@ -94,8 +101,9 @@ def score_flagged(model: nn.Module, train: ExampleTable, flagged: ExampleTable, 
     rest of the model is frozen (audit.frozen_features): the same gradients, one pass of the
     frozen layers instead of one per influence pass. The index keeps the whole model: a stored
     index is read without a pass over the training set."""
+    frozen = split_frozen(model, train.inputs)
     if method == AUTO:
-        method = choose_method(model, len(train))
+        method = choose_method(frozen.head, len(train), head=frozen.is_split)
     if method == INDEX:
         index = build_index(model, train.dataset(), Path(cache_dir) / "index", index_config or IndexConfig(),
                             progress=progress, metadata=metadata, shard_map=shard_map)
@@ -103,7 +111,6 @@ def score_flagged(model: nn.Module, train: ExampleTable, flagged: ExampleTable, 
         blocks = ScoreBlocks(len(left), index.n, lambda start, stop: index.scores_of(left[start:stop], shard_map),
                              max(1, BLOCK_ELEMENTS // index.n))
         return FlaggedScores(blocks, index.self_influence(shard_map), INDEX, index.describe())
-    frozen = split_frozen(model, train.inputs)
     head_train, head_flagged = frozen.table(train).dataset(), frozen.table(flagged).dataset()
     scores = influence_scores(frozen.head, head_train, head_flagged, method=method, cache_dir=cache_dir,
                               progress=progress)

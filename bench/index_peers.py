@@ -397,7 +397,7 @@ def part_mlp(repeat: int) -> None:
 
 
 # ----------------------------------------------------------------------------- minilm
-def minilm_case(sst2: str, n_train: int, n_queries: int, epochs: int, max_length: int = 64):
+def minilm_case(sst2: str, n_train: int, n_queries: int, epochs: int, max_length: int = 64, scored_layers: int = 2):
     """(classifier, train, queries, prefixes, accuracy on the queries): MiniLM with the top 2
     layers + pooler + classifier trainable, fine-tuned `epochs` on n_train SST-2 training phrases of
     >= 4 words (0: the pretrained encoder with its fresh head, as is). Training examples and queries
@@ -433,19 +433,21 @@ def minilm_case(sst2: str, n_train: int, n_queries: int, epochs: int, max_length
     else:
         classifier = TextClassifier(hf_model, tokenizer.pad_token_id).eval()
         freeze_bottom(classifier, 2)
-    prefixes = freeze_bottom(classifier, 2)
+    prefixes = freeze_bottom(classifier, scored_layers)  # what every method scores (training tuned the top 2)
     with torch.no_grad():
         accuracy = float((classifier(q_ids).argmax(1) == q_labels).float().mean())
     return classifier, TensorDataset(ids, labels), TensorDataset(q_ids, q_labels), prefixes, accuracy
 
 
-def part_minilm(repeat: int, sst2: str, n_train: int, n_queries: int, epochs: int, only: list[str]) -> None:
+def part_minilm(repeat: int, sst2: str, n_train: int, n_queries: int, epochs: int, only: list[str],
+                scored_layers: int = 2) -> None:
     """The MiniLM table; `only`: run the reference and the methods whose name contains one of these
     (all when empty)."""
     from audit.demo.text_models import TrimPadding
 
     start = time.perf_counter()
-    classifier, train, queries, prefixes, acc = minilm_case(sst2, n_train, n_queries, epochs)
+    classifier, train, queries, prefixes, acc = minilm_case(sst2, n_train, n_queries, epochs,
+                                                            scored_layers=scored_layers)
     setup_secs = time.perf_counter() - start
     linear = {f"{n}.{p}" for n in _linear_modules(classifier, prefixes) for p in ("weight", "bias")}
     params = sum(p.numel() for n, p in classifier.named_parameters() if n in linear)
@@ -465,13 +467,17 @@ def part_minilm(repeat: int, sst2: str, n_train: int, n_queries: int, epochs: in
         ("dattri LoGra, proj 1024 (32 x 32)", dattri_logra, trimmed, {"proj_dim": 1024, "modules": peer_prefixes}),
         ("kronfluence ekfac (damping = engine's)", kronfluence, trimmed, {"damping": "ref", "modules": peer_prefixes}),
     ]
+    if scored_layers == 0:  # pooler + classifier only: their input sides (384 + bias) can stay exact
+        methods.insert(3, ("ours index, exact input sides (rank_in 385)", ours_index, classifier,
+                           {"param_filter": same, "rank_in": 385}))
     methods = [m for i, m in enumerate(methods) if i == 0 or not only or any(o in m[0] for o in only)]
     results, failures = _run_rounds("minilm", methods, train, queries, False, repeat, damping_from=methods[0][0])
     ref = results[methods[0][0]]["queries"]
     rows = [[name, res.get("layers", float("nan")), res.get("dim", float("nan")), *agreement(res["queries"], ref),
              res["build_secs"], res["q_secs"]] for name, res in results.items()]
     tuned = f"fine-tuned {epochs} epoch(s)" if epochs else "not fine-tuned (fresh head)"
-    _table(f"minilm. all-MiniLM-L6-v2 on SST-2, top 2 layers + pooler + classifier ({params:,} Linear parameters), "
+    _table(f"minilm. all-MiniLM-L6-v2 on SST-2, top {scored_layers} layers + pooler + classifier ({params:,} Linear "
+           "parameters), "
            f"{tuned} on N={len(train)} phrases, {len(queries)} dev queries (accuracy {acc:.3f}), max_length 64, "
            f"{torch.get_num_threads()} threads, median of {repeat} round(s); setup {setup_secs:.0f} s; "
            "build NaN = inside query seconds",
@@ -500,6 +506,8 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=300)
     parser.add_argument("--n-queries", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs for minilm (0 = as is)")
+    parser.add_argument("--scored-layers", type=int, default=2, help="minilm: encoder layers scored with the pooler "
+                                                                         "and classifier (fine-tuning always tunes 2)")
     parser.add_argument("--only", nargs="*", default=[], help="minilm: the reference and the methods whose name "
                                                                "contains one of these")
     args = parser.parse_args()
@@ -513,7 +521,8 @@ def main() -> None:
         if part == "mlp":
             part_mlp(args.repeat or 3)
         else:
-            part_minilm(args.repeat or 1, args.sst2, args.n_train, args.n_queries, args.epochs, args.only)
+            part_minilm(args.repeat or 1, args.sst2, args.n_train, args.n_queries, args.epochs, args.only,
+                        args.scored_layers)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

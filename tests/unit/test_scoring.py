@@ -6,7 +6,7 @@ import torch
 from audit.examples import ExampleTable
 from audit.influence import influence_scores, self_influence
 from audit.influence.index import IndexConfig, build_index
-from audit.scoring import AUTO, INDEX, INDEX_ABOVE, choose_method, score_flagged
+from audit.scoring import AUTO, HEAD_INDEX_ABOVE, INDEX, INDEX_ABOVE, choose_method, score_flagged
 from tests.unit.influence_helpers import tiny_data, tiny_mlp
 
 
@@ -22,6 +22,12 @@ def test_auto_keeps_ekfac_for_small_models_and_takes_the_index_beyond_the_bound(
     assert choose_method(small, INDEX_ABOVE // params + 1) == INDEX
     small[0].requires_grad_(False)  # only trainable parameters count (a model's tuned_params)
     assert choose_method(small, INDEX_ABOVE // params + 1) == "ekfac"
+    # a frozen model's head, scored on features: EK-FAC up to the larger bound
+    head = small[2]
+    head_params = sum(p.numel() for p in head.parameters())
+    assert choose_method(head, HEAD_INDEX_ABOVE // head_params, head=True) == "ekfac"
+    assert choose_method(head, HEAD_INDEX_ABOVE // head_params, head=False) == INDEX
+    assert choose_method(head, HEAD_INDEX_ABOVE // head_params + 1, head=True) == INDEX
 
 
 def test_auto_on_a_small_model_gives_the_engines_ekfac_scores(tmp_path):
@@ -49,3 +55,15 @@ def test_index_scores_come_in_blocks_that_make_up_the_index_scores(tmp_path, mon
     blocks = torch.cat([block for _, block in scored.scores])
     torch.testing.assert_close(blocks, index.scores(model, flagged))
     torch.testing.assert_close(scored.self_scores, index.self_influence())
+
+
+def test_auto_scores_a_frozen_models_head_with_ekfac_where_the_whole_model_gets_the_index(tmp_path, monkeypatch):
+    import audit.scoring
+
+    monkeypatch.setattr(audit.scoring, "INDEX_ABOVE", 1)  # every model is "large" for the whole-model bound
+    train, flagged = _table(30, seed=0), _table(4, seed=1)
+    whole = tiny_mlp()
+    assert score_flagged(whole, train, flagged, AUTO, tmp_path / "whole").method == INDEX
+    frozen = tiny_mlp()
+    frozen[0].requires_grad_(False)  # the trainable part is the last layer: a head scored on features
+    assert score_flagged(frozen, train, flagged, AUTO, tmp_path / "frozen").method == "ekfac"
