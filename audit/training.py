@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +47,25 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig = TrainConfig()) 
     return losses
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode for the duration, then every submodule's own mode restored (not the
+    top module's mode pushed down: a wrapper left in train mode around an eval-mode transformers
+    model must not switch that model's dropout on)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits [N, classes] in eval mode; restores the model's previous train/eval mode."""
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
-    model.train(was_training)
-    return out
+    """Logits [N, classes] in eval mode; every submodule's train/eval mode is restored after."""
+    with eval_mode(model):
+        return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
 def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ from audit.influence.batches import Inputs, batches, call_logits, collate, slice
 from audit.influence.config import InfluenceConfig
 from audit.influence.gradients import GradientFunction, gn_cotangents
 from audit.influence.params import ParamFilter, ParamSpace, model_state, select_params
+from audit.training import eval_mode
 
 # Per-example gradients are [rows, P] (Gauss-Newton factors [rows, K, P]); these bound one such
 # tensor, which the passes copy a few times (preconditioned, rotated, float64 parts).
@@ -40,16 +41,10 @@ def evaluation(model: nn.Module) -> Iterator[None]:
 
     Also selects PyTorch's "math" attention kernel: the fused CPU/GPU kernels support neither
     forward-mode AD nor double backward, which curvature-vector products need."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
-            # torch's forward-AD decompositions still use torch.jit.script on first use
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+        # torch's forward-AD decompositions still use torch.jit.script on first use
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        yield
 
 
 @dataclass

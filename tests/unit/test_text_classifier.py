@@ -151,3 +151,18 @@ def test_a_param_filter_restricts_self_influence_to_the_selected_layers(bert):
     assert own.scores.shape == (10,) and torch.isfinite(own.scores).all() and (own.scores > 0).all()
     full = compute_influence(wrapper, train, None, InfluenceConfig(method="ekfac"), progress=False)
     assert not torch.allclose(own.scores, full.scores)  # the filter changed what was scored
+
+
+def test_predictions_leave_each_submodule_in_its_own_mode(bert):
+    # A new TextClassifier is in train mode around an eval-mode transformers model; predicting must
+    # not push the wrapper's mode down (dropout on in later passes that do not set eval themselves).
+    from audit.training import predict_logits
+
+    model, tokenizer = bert
+    model.train()
+    model.model.eval()
+    logits = predict_logits(model, _ids(tokenizer))
+    assert model.training and not any(m.training for m in model.model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids(tokenizer)), logits)  # no dropout: the same logits again
+    model.eval()
