@@ -25,6 +25,7 @@ head is the model, tables are unchanged): callers never branch.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,8 +34,8 @@ from torch import nn
 
 from audit.examples import ExampleTable
 from audit.influence.batches import ordered_batches
-from audit.influence.context import evaluation
 from audit.text_classifier import TextClassifier, padding_token
+from audit.training import eval_mode
 
 BATCH_SIZE = 256
 SAMPLE = 8  # rows of the inputs a split is checked on
@@ -83,7 +84,7 @@ class FrozenFeatures:
         out = None
         try:
             labels = torch.zeros(len(inputs), dtype=torch.int64)
-            with evaluation(self.model):
+            with eval_mode(self.model):
                 for pos, x, _ in ordered_batches(inputs, labels, BATCH_SIZE, padding_token(self.model)):
                     self.model(x)
                     batch = captured.pop()
@@ -146,13 +147,8 @@ def _state_names(model: nn.Module) -> dict[int, str]:
 
 
 def _last_module(model: nn.Module):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    paths = [n.split(".")[:-1] for n in names]
-    common: list[str] = []
-    for parts in zip(*paths, strict=False):  # stops at the shortest path
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
+    # the module path every trainable parameter shares (commonprefix compares lists item by item)
+    common = os.path.commonprefix([n.split(".")[:-1] for n, p in model.named_parameters() if p.requires_grad])
     if not common:
         return None
     path = ".".join(common)
@@ -182,7 +178,7 @@ def _holds(model: nn.Module, trainable: list[nn.Parameter], sample: torch.Tensor
     calls: list[tuple] = []
     handle = hooked.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
     try:
-        with evaluation(model):
+        with eval_mode(model):
             logits = model(sample)
             if len(calls) != 1:
                 return False

@@ -105,13 +105,13 @@ def load_audit(audit_run_id: str, allow_pickle: bool) -> AuditInputs:
 @task(cache_policy=NO_CACHE)
 def frozen_features(inputs: AuditInputs) -> tuple[AuditInputs, FrozenFeatures]:
     """What the horizon and the search work on: when the model's trainable parameters all sit in
-    its head, the head and every table as the frozen part's features, computed once
-    (audit.frozen_features); else the inputs themselves."""
+    its head, the head and the training and flagged tables as the frozen part's features, computed
+    once (audit.frozen_features); else the inputs themselves. The search takes the selection split's
+    features (`FrozenFeatures.table`); the gates run on the whole model."""
     frozen = split_frozen(inputs.loaded.model, inputs.train.inputs)
     get_run_logger().info("repairs run on the %s", frozen.description)
     work = dataclasses.replace(inputs, loaded=dataclasses.replace(inputs.loaded, model=frozen.head),
-                               train=frozen.table(inputs.train), validation=frozen.table(inputs.validation),
-                               flagged=frozen.table(inputs.flagged))
+                               train=frozen.table(inputs.train), flagged=frozen.table(inputs.flagged))
     return work, frozen
 
 
@@ -120,8 +120,8 @@ def search(work: AuditInputs, frozen: FrozenFeatures, selection: ExampleTable, t
            candidates: tuple[RepairCandidate, ...], max_steps: int, progress: bool) -> SearchResult:
     """Every candidate repair of the whole flagged batch, gated on the selection split; the chosen
     one comes back as the whole model."""
-    searched = search_repairs(work.loaded.model, work.train, work.flagged, selection, work.loaded.spec.num_classes,
-                              thresholds, candidates, max_steps, progress)
+    searched = search_repairs(work.loaded.model, work.train, work.flagged, frozen.table(selection),
+                              work.loaded.spec.num_classes, thresholds, candidates, max_steps, progress)
     return searched.with_full_model(frozen.full_model)
 
 
@@ -185,8 +185,7 @@ def correct(store: StoreSettings, settings: CorrectionSettings, audit_run_id: st
     horizon = measure_horizon(work, candidates[0].config)
     # re-score before the influence estimate goes stale (Schioppa et al. 2023)
     budget = trusted_steps(horizon, settings.min_horizon_correlation)
-    selection, _ = selection_split(work.validation, settings.selection_fraction)
-    _, gate_split = selection_split(inputs.validation, settings.selection_fraction)  # the same ids: split by id
+    selection, gate_split = selection_split(inputs.validation, settings.selection_fraction)
     searched = search(work, frozen, selection, thresholds, candidates, budget, settings.progress)
     chosen = searched.chosen
     loaded = inputs.loaded
