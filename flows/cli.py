@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Audit and repair classifiers registered in MLflow.")
 
 # flows.settings: AUDIT_METHODS, CORRECTION_METHODS; audit.correction: STRATEGIES, CANDIDATES_BY_NAME.
-AUDIT_METHODS = ("ekfac", "kfac", "arnoldi", "exact", "graddot", "index", "auto")
+AUDIT_METHODS = ("ekfac", "kfac", "arnoldi", "exact", "graddot", "index", "index-reranked", "auto")
 CORRECTION_METHODS = ("ekfac", "kfac", "arnoldi", "exact", "graddot", "gradcos")
 STRATEGIES = ("reinforce", "relabel", "unlearn")
 CANDIDATES = ("relabel", "unlearn-gentle", "relabel-wide", "relabel-wide-gentle", "relabel-reinforce")
@@ -41,7 +41,8 @@ ALLOW_PICKLE = typer.Option(False, "--allow-pickle", envvar=ALLOW_PICKLE_ENV,
                                  "store, so only for a registry you trust (docs/security.md).")
 MODEL = typer.Option("digits-classifier", "--model", help="Registered model name.")
 AUDIT_METHOD = typer.Option("auto", "--method", help=f"Influence method ({', '.join(AUDIT_METHODS)}). auto: EK-FAC "
-                                                     "for small models, the gradient index for large ones.")
+                                                     "for small models, the gradient index for large ones; "
+                                                     "index-reranked: the index's shortlists re-scored by EK-FAC.")
 TOP_K = typer.Option(10, "--top-k", help="Helpful and harmful examples kept per flagged example (1-1000).")
 WORKERS = typer.Option(None, "--workers", min=1,
                        help="Build and query the gradient index on a local Dask cluster of N worker processes.")

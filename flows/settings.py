@@ -18,12 +18,13 @@ from audit.correction.config import STRATEGIES
 from audit.correction.search import CANDIDATES_BY_NAME, DEFAULT_CANDIDATES, RepairCandidate
 from audit.gates import GateThresholds
 from audit.influence import METHODS, NEEDS_CHECKPOINTS, NO_SELF_INFLUENCE
-from audit.scoring import AUTO, INDEX
+from audit.scoring import AUTO, INDEX, RERANKED
 
 # The audit flow scores the flagged batch and self-influence, without training checkpoints; the
-# gradient index (audit.scoring.INDEX) does both from rows built once per model version; AUTO
-# picks EK-FAC or the index from the model's size (audit.scoring.choose_method).
-AUDIT_METHODS = (*(m for m in METHODS if m not in NEEDS_CHECKPOINTS + NO_SELF_INFLUENCE), INDEX, AUTO)
+# gradient index (audit.scoring.INDEX) does both from rows built once per model version (RERANKED:
+# its shortlists re-scored exactly); AUTO picks EK-FAC or the index from the model's size
+# (audit.scoring.choose_method).
+AUDIT_METHODS = (*(m for m in METHODS if m not in NEEDS_CHECKPOINTS + NO_SELF_INFLUENCE), INDEX, RERANKED, AUTO)
 # The correction re-scores the still-wrong flagged examples (influence scores only, no
 # self-influence, so gradcos can), and has no training checkpoints either.
 CORRECTION_METHODS = tuple(m for m in METHODS if m not in NEEDS_CHECKPOINTS)

@@ -122,12 +122,14 @@ def log_audit(findings: AuditFindings, params: dict[str, object], frame: pd.Data
 
 def index_params(index: dict | None) -> dict[str, object]:
     """Run params that say which gradient index an audit's scores came from (none without one):
-    its rows, columns, ranks, damping and folder under the workdir's cache."""
+    its rows, columns, ranks, damping and folder under the workdir's cache, and with re-ranking its
+    method, shortlist per side, rows its curvature was fitted on and rows it scored exactly."""
     if index is None:
         return {}
-    config = index["config"]
+    config, rerank = index["config"], index.get("rerank") or {}
     return {"index_rows": index["rows"], "index_dim": index["dim"], "index_rank_in": config["rank_in"],
-            "index_rank_out": config["rank_out"], "index_damping": index["damping"], "index_folder": index["folder"]}
+            "index_rank_out": config["rank_out"], "index_damping": index["damping"], "index_folder": index["folder"],
+            **{f"rerank_{key}": value for key, value in rerank.items()}}
 
 
 @contextmanager

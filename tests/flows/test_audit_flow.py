@@ -154,6 +154,32 @@ def test_an_audit_with_the_gradient_index_builds_it_once_per_version(prefect_har
     assert (table[table.role == "harmful"].score < 0).mean() > 0.9
 
 
+def test_a_reranked_audit_reads_the_index_and_reports_exact_scores_of_its_shortlists(prefect_harness, registered):
+    from audit.scoring import RERANK_SHORTLIST
+
+    workdir, frame = registered
+    store = StoreSettings(workdir=workdir, allow_pickle=True)
+    write_batch(frame.iloc[:3], workdir / "inbox" / "first.parquet")
+    first = audit(store, AuditSettings(model_name="m", top_k=5, method="index-reranked"))
+    params = MlflowClient().get_run(first.run_id).data.params
+    assert params["method"] == "index-reranked" and int(params["index_rows"]) == 300
+    assert params["rerank_method"] == "ekfac" and int(params["rerank_shortlist"]) == RERANK_SHORTLIST
+    assert int(params["rerank_fit_rows"]) == 300 and 2 * RERANK_SHORTLIST <= int(params["rerank_scored_rows"]) <= 300
+    cache = workdir / "cache" / "influence" / "index"
+    fitted = sorted(p for p in cache.rglob("rerank/*") if p.is_file())
+    assert fitted  # the re-scoring curvature, fitted once, kept beside the index
+    written = [p.stat().st_mtime_ns for p in fitted]
+    table = load_table(first.run_id, "influence")
+    assert len(table) == 3 * 2 * 5
+    assert (table[table.role == "helpful"].score > 0).mean() > 0.9
+    assert (table[table.role == "harmful"].score < 0).mean() > 0.9
+
+    write_batch(frame.iloc[3:6], workdir / "inbox" / "second.parquet")
+    audit(store, AuditSettings(model_name="m", top_k=5, method="index-reranked"))
+    assert sorted(p for p in cache.rglob("rerank/*") if p.is_file()) == fitted  # restored, not refitted
+    assert [p.stat().st_mtime_ns for p in fitted] == written
+
+
 def test_an_audit_on_a_local_dask_cluster_finds_what_a_single_process_audit_finds(prefect_harness, registered):
     import torch
 

@@ -8,7 +8,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from audit.errors import InvalidInput, NumericalError, UnsupportedModel
-from audit.influence import InfluenceConfig, compute_influence, influence_scores, self_influence, top_influences
+from audit.influence import (
+    InfluenceConfig,
+    compute_influence,
+    fit_influence_curvature,
+    influence_scores,
+    self_influence,
+    top_influences,
+)
 
 
 def _data(n=12, d=4, classes=3, seed=0, dtype=torch.float64):
@@ -184,3 +191,39 @@ def test_kronecker_curvature_round_trip_and_trace_on_a_conv_net():
     exact = compute_influence(model, data, None, InfluenceConfig(method="exact"), progress=False)
     ekfac = compute_influence(model, data, None, InfluenceConfig(method="ekfac"), progress=False)
     assert ekfac.damping == pytest.approx(exact.damping, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", ["conv", "text"])
+def test_factored_eigenvalue_correction_is_the_per_example_one(case):
+    # EK-FAC's correction is summed from rotated layer inputs and output gradients when every
+    # selected parameter is in a Kronecker layer, from rotated per-example gradients otherwise
+    # (a GroupNorm or LayerNorm selected joins the diagonal): same eigenvalues.
+    from tests.unit.test_influence_index import text_case
+
+    if case == "conv":
+        model = _conv_net()
+        g = torch.Generator().manual_seed(3)
+        data = TensorDataset(torch.randn(12, 2, 6, 6, generator=g, dtype=torch.float64),
+                             torch.randint(0, 3, (12,), generator=g))
+        extra = "1.weight"  # the GroupNorm's
+    else:  # tokens, padding, attention: several positions per example
+        model, data = text_case(n=10)
+        model.requires_grad_(False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("model.bert.encoder.layer.1.", "model.classifier")))
+        extra = next(n for n, p in model.named_parameters() if p.requires_grad and "LayerNorm" in n)
+    in_layers = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                 for p in ("weight", "bias") if getattr(m, p) is not None and getattr(m, p).requires_grad}
+    config = InfluenceConfig(method="ekfac")
+    factored = fit_influence_curvature(model, data, config, progress=False,
+                                       param_filter=lambda n, p: n in in_layers).curvature
+    dense = fit_influence_curvature(model, data, config, progress=False,
+                                    param_filter=lambda n, p: n in in_layers | {extra}).curvature
+    assert len(factored.diag_index) == 0 and len(dense.diag_index) > 0  # the two paths ran
+    by_module = {layer.module: v for layer, v in zip(dense.layers, dense.values, strict=True)}
+    compared = 0  # rtol 1e-4: the text model is float32
+    for layer, values in zip(factored.layers, factored.values, strict=True):
+        if layer.module in by_module and by_module[layer.module].shape == values.shape:
+            torch.testing.assert_close(values, by_module[layer.module], rtol=1e-4, atol=1e-7 * values.max().item())
+            compared += 1
+    assert compared >= 2

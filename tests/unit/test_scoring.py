@@ -6,7 +6,7 @@ import torch
 from audit.examples import ExampleTable
 from audit.influence import influence_scores, self_influence
 from audit.influence.index import IndexConfig, build_index
-from audit.scoring import AUTO, HEAD_INDEX_ABOVE, INDEX, INDEX_ABOVE, choose_method, score_flagged
+from audit.scoring import AUTO, HEAD_INDEX_ABOVE, INDEX, INDEX_ABOVE, RERANKED, choose_method, score_flagged
 from tests.unit.influence_helpers import tiny_data, tiny_mlp
 
 
@@ -54,6 +54,32 @@ def test_index_scores_come_in_blocks_that_make_up_the_index_scores(tmp_path, mon
     assert index.stats.computed == 0  # the audit built it; this reads it
     blocks = torch.cat([block for _, block in scored.scores])
     torch.testing.assert_close(blocks, index.scores(model, flagged))
+    torch.testing.assert_close(scored.self_scores, index.self_influence())
+
+
+def test_reranked_scores_are_the_engines_on_the_shortlists_and_zero_elsewhere(tmp_path, monkeypatch):
+    import audit.scoring
+    from audit.influence.engine import compute
+    from audit.influence.index.rerank import fit_reranker
+
+    monkeypatch.setattr(audit.scoring, "RERANK_SHORTLIST", 3)
+    monkeypatch.setattr(audit.scoring, "BLOCK_ELEMENTS", 2 * 40)
+    model, train, flagged = tiny_mlp(), _table(40, seed=0), _table(5, seed=1)
+    config = IndexConfig(rank_in=2, rank_out=2)
+    scored = score_flagged(model, train, flagged, RERANKED, tmp_path, index_config=config)
+    assert scored.method == RERANKED and scored.index["rerank"]["shortlist"] == 3
+    train, flagged = train.dataset(), flagged.dataset()
+    index = build_index(model, train, tmp_path / "index", config, progress=False)
+    short = index.top(model, flagged, 3)
+    pooled = sorted(set(short.proponents.flatten().tolist()) | set(short.opponents.flatten().tolist()))
+    assert scored.index["rerank"]["scored_rows"] == len(pooled) < 40
+    reranker = fit_reranker(index, model, train)  # restored from the audit's fit
+    exact = compute(model, train, flagged, reranker.config, progress=False, param_filter=reranker.param_filter,
+                    fitted=reranker.fitted).scores
+    blocks = torch.cat([block for _, block in scored.scores])
+    torch.testing.assert_close(blocks[:, pooled], exact[:, pooled])
+    outside = [i for i in range(40) if i not in pooled]
+    assert (blocks[:, outside] == 0).all()
     torch.testing.assert_close(scored.self_scores, index.self_influence())
 
 

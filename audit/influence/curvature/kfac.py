@@ -175,8 +175,14 @@ class KroneckerCurvature:
         )
 
 
-def _fit_factors(ctx: Context, data: Dataset, n: int, found, generator):
-    """Pass 1: A and S of every layer, from forward hooks and output-gradient backward passes."""
+def _layer_passes(ctx: Context, data: Dataset, found, generator, desc: str):
+    """Per batch of `config.batch_size` examples, one forward pass with hooks on the `found`
+    layers, then one backward pass per Gauss-Newton cotangent (gradients.py). Yields
+    (inputs, calls, K, grads): calls[i] the (input, output) of each call of layer i in the
+    forward, K the cotangents per example, grads(k) -> {i: [(j, d output of call j)]} for
+    cotangent k, or None when no layer output needs a gradient. Each example's outputs depend on
+    its own inputs only (the model is in eval mode), so the rows of a batched backward are
+    per-example output gradients."""
     calls: dict[int, list] = {i: [] for i in range(len(found))}
 
     def hook(i):
@@ -187,43 +193,84 @@ def _fit_factors(ctx: Context, data: Dataset, n: int, found, generator):
         return record
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, (_, m) in enumerate(found)]
+    params = {k: v.detach().requires_grad_(True) for k, v in ctx.grads.selected.items()}
+    try:
+        for inputs, labels in ctx.batches(data, desc, per_example=False):
+            for c in calls.values():
+                c.clear()
+            with torch.enable_grad():
+                z = call_logits(ctx.model, {**ctx.grads.frozen, **params}, inputs)
+            owners = [(i, j) for i in calls for j, (_, out) in enumerate(calls[i]) if out.requires_grad]
+            cot = gn_cotangents(z.detach(), labels, ctx.fisher_noise(len(labels), generator))  # [B, K, C]
+
+            def grads(k, z=z, cot=cot, owners=owners):
+                outputs = [calls[i][j][1] for i, j in owners]
+                ds_all = torch.autograd.grad(z, outputs, cot[:, k], retain_graph=k + 1 < cot.shape[1],
+                                             allow_unused=True)
+                out: dict[int, list] = {}
+                for (i, j), ds in zip(owners, ds_all, strict=True):
+                    if ds is not None:
+                        out.setdefault(i, []).append((j, ds))
+                return out
+
+            yield inputs, calls, cot.shape[1], (grads if owners else None)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fit_factors(ctx: Context, data: Dataset, n: int, found, generator):
+    """Pass 1: A and S of every layer, from forward hooks and output-gradient backward passes."""
     a_sum = [torch.zeros(layer.width, layer.width, dtype=torch.float64, device=ctx.device) for layer, _ in found]
     s_sum = [
         torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64, device=ctx.device)
         for layer, _ in found
     ]
     positions = [0.0] * len(found)
-    params = {k: v.detach().requires_grad_(True) for k, v in ctx.grads.selected.items()}
-    try:
-        for inputs, labels in ctx.batches(data, f"{ctx.config.method}: factors", per_example=False):
-            for c in calls.values():
-                c.clear()
-            with torch.enable_grad():
-                z = call_logits(ctx.model, {**ctx.grads.frozen, **params}, inputs)
-            outputs, owners = [], []
-            for i, (layer, m) in enumerate(found):
-                for a, output in calls[i]:
-                    act = layer_inputs(m, layer, a)
-                    w = position_weights(inputs, act)
-                    a_sum[i] += torch.einsum("bt,btd,bte->de", w, act, act)
-                    positions[i] += w.sum().item()
-                    if output.requires_grad:
-                        outputs.append(output)
-                        owners.append(i)
-            cot = gn_cotangents(z.detach(), labels, ctx.fisher_noise(len(labels), generator))  # [B, K, C]
-            for k in range(cot.shape[1] if outputs else 0):
-                ds_all = torch.autograd.grad(
-                    z, outputs, cot[:, k], retain_graph=k + 1 < cot.shape[1], allow_unused=True
-                )
-                for i, ds in zip(owners, ds_all, strict=True):
-                    if ds is not None:
-                        s = layer_output_grads(found[i][1], ds)
-                        s_sum[i] += torch.einsum("btd,bte->de", s, s)
-    finally:
-        for h in handles:
-            h.remove()
+    for inputs, calls, cotangents, grads in _layer_passes(ctx, data, found, generator,
+                                                          f"{ctx.config.method}: factors"):
+        for i, (layer, m) in enumerate(found):
+            for a, _ in calls[i]:
+                act = layer_inputs(m, layer, a)
+                w = position_weights(inputs, act)
+                a_sum[i] += torch.einsum("bt,btd,bte->de", w, act, act)
+                positions[i] += w.sum().item()
+        for k in range(cotangents if grads else 0):
+            for i, ds_list in grads(k).items():
+                for _, ds in ds_list:
+                    s = layer_output_grads(found[i][1], ds)
+                    s_sum[i] += torch.einsum("btd,bte->de", s, s)
     a_mean = [a / max(p, 1.0) for a, p in zip(a_sum, positions, strict=True)]
     return a_mean, [s / n for s in s_sum]
+
+
+def _factored_correction(ctx: Context, data: Dataset, found, rot_out, rot_in, generator) -> list[torch.Tensor]:
+    """Pass 2 without per-example gradients: sum over examples i and cotangents k of
+    (Q_S^T G_ik Q_A)^2 [out, width] per layer, where G_ik = sum over positions (and calls) of
+    s a^T, rotated side by side: (Q_S^T s)(Q_A^T a)^T. The same sums as rotating the per-example
+    gradient matrices, at positions x (out^2 + width^2 + out x width) instead of out x width x
+    (out + width) per example: 18x fewer operations for MiniLM's 1536 x 384 layers at 20 tokens.
+    Positions whose output gradient is 0 for every example of the batch (padding) add nothing
+    to G and are skipped."""
+    sums = [torch.zeros(layer.out_features, layer.width, dtype=torch.float64, device=ctx.device)
+            for layer, _ in found]
+    for _, calls, cotangents, grads in _layer_passes(ctx, data, found, generator,
+                                                     f"{ctx.config.method}: eigenvalue correction"):
+        rotated_inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for k in range(cotangents if grads else 0):
+            for i, ds_list in grads(k).items():
+                layer, m = found[i]
+                rotated = 0
+                for j, ds in ds_list:
+                    s = layer_output_grads(m, ds, ctx.dtype)  # [B, positions, out]
+                    used = (s != 0).any(2).any(0).nonzero().squeeze(1)
+                    cached = rotated_inputs.get((i, j))
+                    if cached is None or not torch.equal(cached[0], used):
+                        a = layer_inputs(m, layer, calls[i][j][0], ctx.dtype)[:, used]
+                        cached = rotated_inputs[(i, j)] = (used, a @ rot_in[i])
+                    rotated = rotated + (s[:, used] @ rot_out[i].T).transpose(1, 2) @ cached[1]  # [B, out, width]
+                sums[i] += rotated.square().sum(0, dtype=torch.float64)
+    return sums
 
 
 def fit_kronecker(ctx: Context, data: Dataset, n: int, corrected: bool) -> KroneckerCurvature:
@@ -251,7 +298,12 @@ def fit_kronecker(ctx: Context, data: Dataset, n: int, corrected: bool) -> Krone
             values.append(torch.outer(lam_s.clamp_min(0), lam_a.clamp_min(0)))  # [out, width]
 
     diag_values = torch.zeros(len(diag_index), dtype=torch.float64, device=ctx.device)
-    if (corrected and layers) or len(diag_index):
+    if corrected and layers and not len(diag_index):
+        # every selected parameter in a Kronecker layer: no per-example gradient vector is needed
+        rot_out = [q.T.to(ctx.dtype) for q in basis_out]
+        rot_in = [q.to(ctx.dtype) for q in basis_in]
+        values = [c / n for c in _factored_correction(ctx, data, found, rot_out, rot_in, generator)]
+    elif (corrected and layers) or len(diag_index):
         corrections = [torch.zeros_like(v) for v in values]
         idx = diag_index.to(ctx.device)
         # rotate in the gradients' dtype (float32 models: twice the speed), sum squares in float64
