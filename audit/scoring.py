@@ -31,7 +31,8 @@ AUTO = "auto"  # the method name that lets the model's size choose (choose_metho
 SCORING_METHODS = (*METHODS, INDEX, RERANKED, AUTO)
 # RERANKED: most helpful and most harmful examples per flagged example that the index shortlists.
 # Measured on MiniLM, 1,000 phrases, 50 flagged (bench/RESULTS.md, "Exact re-ranking"): EK-FAC's top
-# 10 kept 0.93 / 0.97 / 0.99 at 25 / 50 / 100 per side, for 23 / 27 / 29 s per audit.
+# 10 kept 0.93 / 0.97 / 0.99 at 25 / 50 / 100 per side, for 23 / 27 / 29 s per audit (21 s at 50
+# once the engine trimmed padding).
 RERANK_SHORTLIST = 50
 # auto: the index once N x P (training examples x parameters scored) exceeds this. Measured
 # (bench/RESULTS.md, "Gradient index"): below it EK-FAC takes seconds to a minute and is what the

@@ -59,13 +59,18 @@ def to_device(inputs: Inputs, device: torch.device) -> Inputs:
 
 
 def batches(
-    data: Dataset, batch_size: int, device: torch.device, desc: str, progress: bool
+    data: Dataset, batch_size: int, device: torch.device, desc: str, progress: bool, pad: int | None = None
 ) -> Iterator[tuple[Inputs, torch.Tensor]]:
-    """Batches of `data` in order, on `device`, with a progress bar named `desc`."""
+    """Batches of `data` in order, on `device`, with a progress bar named `desc`. Token ids of a
+    TextClassifier (`pad` its pad token) lose the trailing columns that are padding in every row of
+    the batch: the same logits and gradients, without the work on padding."""
     from tqdm.auto import tqdm
 
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for inputs, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if pad is not None and isinstance(inputs, torch.Tensor) and inputs.dim() == 2 \
+                and not inputs.is_floating_point():
+            inputs = trim_padding(inputs, pad)
         yield to_device(inputs, device), labels.to(device)
 
 

@@ -19,6 +19,7 @@ from audit.influence.batches import Inputs, batches, call_logits, collate, slice
 from audit.influence.config import InfluenceConfig
 from audit.influence.gradients import GradientFunction, gn_cotangents
 from audit.influence.params import ParamFilter, ParamSpace, model_state, select_params
+from audit.text_classifier import padding_token
 from audit.training import eval_mode
 
 # Per-example gradients are [rows, P] (Gauss-Newton factors [rows, K, P]); these bound one such
@@ -74,7 +75,7 @@ class Context:
         """Batches on the device, labels checked against the model's number of classes; of
         `gradient_rows` examples when the pass forms per-example gradients, else `batch_size`."""
         size = self.gradient_rows if per_example else self.config.batch_size
-        for inputs, labels in batches(data, size, self.device, desc, self.progress):
+        for inputs, labels in batches(data, size, self.device, desc, self.progress, padding_token(self.model)):
             self.check_labels(labels)
             yield inputs, labels
 

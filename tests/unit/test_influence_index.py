@@ -108,6 +108,24 @@ def test_without_projection_the_default_curvature_is_the_engines_ekfac(tmp_path)
     torch.testing.assert_close(index.self_influence().double(), want_self, rtol=1e-4, atol=1e-6)
 
 
+def test_without_projection_on_text_it_is_the_engines_ekfac_padding_left_out_alike(tmp_path):
+    # Token ids with padding: the index trims padding and leaves pad tokens out of A; the engine,
+    # fed the same padded ids, must treat them the same way (pad tokens out of A, padding-only
+    # columns trimmed) for the unprojected index to be its EK-FAC on the indexed layers.
+    model, data = text_case(n=12)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("model.bert.encoder.layer.1.", "model.classifier")))
+    queries = torch.utils.data.Subset(data, range(4))
+    config = IndexConfig(rank_in=80, rank_out=80, shard_rows=5, batch_size=4, fisher_samples=None)
+    index = build_index(model, data, tmp_path, config, progress=False)
+    layers = {name for layer in index.header["layers"] for name in (layer["weight"], layer["bias"]) if name}
+    want = influence_scores(model, data, queries, method="ekfac", progress=False,
+                            param_filter=lambda n, p: n in layers)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(index.scores(model, queries).double(), want.double(), rtol=1e-3, atol=1e-4 * scale)
+
+
 def test_streamed_top_k_is_the_dense_top_k(tmp_path, monkeypatch):
     monkeypatch.setattr(index_query, "CHUNK_ROWS", 7)  # several chunks per shard, shards of 10
     model, train, queries = tiny_mlp(), tiny_data(53, seed=0), tiny_data(5, seed=1)

@@ -8,7 +8,7 @@ s = d output (for the Gauss-Newton factors of gradients.py, i.e. exact over clas
   EK-FAC: same basis, eigenvalues replaced by 1/N sum_i sum_k (Q_S^T G_ik Q_A)^2 (the exact
           diagonal of G in that basis, so the trace is exact).
 "Positions" are token positions (Linear on [B, T, D]; an `attention_mask` input, when its shape
-matches, drops padding from A) or conv patches (Conv2d, via unfold; KFC of Grosse & Martens 2016).
+matches, or a TextClassifier's pad token, drops padding from A) or conv patches (Conv2d, via unfold; KFC of Grosse & Martens 2016).
 Fallback: every other selected parameter (norms, embeddings, grouped convs, weights shared between
 modules) gets the exact diagonal of the Gauss-Newton matrix.
 Damping is added to the eigenvalues in the Kronecker eigenbasis, i.e. exactly (C + damping I)^-1.
@@ -31,6 +31,7 @@ from audit.influence.context import Context
 from audit.influence.curvature import sym_eigh
 from audit.influence.gradients import gn_cotangents
 from audit.influence.params import ParamSpace
+from audit.text_classifier import padding_token
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,11 @@ def layer_output_grads(m: nn.Module, ds: torch.Tensor, dtype: torch.dtype = torc
     return ds.reshape(ds.shape[0], -1, ds.shape[-1]).to(dtype)
 
 
-def position_weights(inputs, a: torch.Tensor) -> torch.Tensor:
-    """[B, positions] weights for A: an attention mask of matching shape drops padding tokens."""
+def position_weights(inputs, a: torch.Tensor, pad: int | None = None) -> torch.Tensor:
+    """[B, positions] weights for A: padding tokens get 0, found by an attention mask of matching
+    shape, or for token ids [B, T] by `pad`, the pad token id a TextClassifier masks."""
+    if pad is not None and isinstance(inputs, torch.Tensor) and tuple(inputs.shape) == tuple(a.shape[:2]):
+        return (inputs != pad).to(torch.float64)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if mask is not None and mask.dim() == 2 and a.shape[1] > 1 and tuple(mask.shape) == tuple(a.shape[:2]):
         return mask.to(torch.float64)
@@ -227,12 +231,13 @@ def _fit_factors(ctx: Context, data: Dataset, n: int, found, generator):
         for layer, _ in found
     ]
     positions = [0.0] * len(found)
+    pad = padding_token(ctx.model)
     for inputs, calls, cotangents, grads in _layer_passes(ctx, data, found, generator,
                                                           f"{ctx.config.method}: factors"):
         for i, (layer, m) in enumerate(found):
             for a, _ in calls[i]:
                 act = layer_inputs(m, layer, a)
-                w = position_weights(inputs, act)
+                w = position_weights(inputs, act, pad)
                 a_sum[i] += torch.einsum("bt,btd,bte->de", w, act, act)
                 positions[i] += w.sum().item()
         for k in range(cotangents if grads else 0):

@@ -173,11 +173,7 @@ class Projector:
     def _factor_sums(self, inputs: Inputs, act: torch.Tensor, s: torch.Tensor) -> KroneckerSums:
         # K-FAC's factors in the projected space: inputs over positions (padding tokens dropped),
         # output gradients per cotangent summed over positions and examples
-        pad = padding_token(self.ctx.model)
-        if pad is not None and isinstance(inputs, torch.Tensor) and tuple(inputs.shape) == tuple(act.shape[:2]):
-            w = (inputs != pad).to(torch.float64)
-        else:
-            w = position_weights(inputs, act).to(torch.float64)
+        w = position_weights(inputs, act, padding_token(self.ctx.model))
         flat = act.reshape(-1, act.shape[-1])
         weighted = flat * w.reshape(-1, 1).to(act.dtype)
         s_flat = s.reshape(s.shape[0], -1, s.shape[-1])  # [K, B*T, k_out]
