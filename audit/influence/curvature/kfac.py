@@ -8,7 +8,8 @@ s = d output (for the Gauss-Newton factors of gradients.py, i.e. exact over clas
   EK-FAC: same basis, eigenvalues replaced by 1/N sum_i sum_k (Q_S^T G_ik Q_A)^2 (the exact
           diagonal of G in that basis, so the trace is exact).
 "Positions" are token positions (Linear on [B, T, D]; an `attention_mask` input, when its shape
-matches, or a TextClassifier's pad token, drops padding from A) or conv patches (Conv2d, via unfold; KFC of Grosse & Martens 2016).
+matches, or a TextClassifier's pad token, drops padding from A) or conv patches (Conv2d, via
+unfold; KFC of Grosse & Martens 2016).
 Fallback: every other selected parameter (norms, embeddings, grouped convs, weights shared between
 modules) gets the exact diagonal of the Gauss-Newton matrix.
 Damping is added to the eigenvalues in the Kronecker eigenbasis, i.e. exactly (C + damping I)^-1.
