@@ -63,9 +63,11 @@ def test_short_shortlist_is_the_engines_ranking_of_the_pooled_shortlists(tmp_pat
                                      (got.opponents[q], got.opponent_scores[q], False)):
             assert set(idx.tolist()) <= pooled
             torch.testing.assert_close(scores, exact[q, idx])
-            # nothing shortlisted that was left out ranks above (below) what was kept
+            # nothing shortlisted that was left out ranks above (below) what was kept (up to
+            # round-off: the shortlist was scored in other batches than `exact`)
             rest = exact[q, sorted(pooled - set(idx.tolist()))]
-            assert (rest <= scores[-1]).all() if largest else (rest >= scores[-1]).all()
+            slack = 1e-9 * float(exact.abs().max())
+            assert (rest <= scores[-1] + slack).all() if largest else (rest >= scores[-1] - slack).all()
     # as rows over the whole training set (what an audit reads): exact where shortlisted, 0 elsewhere
     rows = shortlisted.dense(2, 5, len(train))
     assert rows.shape == (3, 60)
