@@ -100,6 +100,13 @@ def _linear_modules(model: nn.Module, prefixes=None) -> list[str]:
             if isinstance(m, nn.Linear) and (prefixes is None or f"{n}.".startswith(tuple(prefixes)))]
 
 
+def linear_filter(model: nn.Module, prefixes):
+    """A param_filter keeping the weights and biases of the Linear modules under `prefixes`: what
+    every index here covers, and what the reference scores on MiniLM."""
+    names = {f"{n}.{p}" for n in _linear_modules(model, prefixes) for p in ("weight", "bias")}
+    return lambda name, param: name in names
+
+
 # Every adapter: (model, train, queries, damping, want_self, **options) -> dict(queries=[Q, N] ndarray,
 # build_secs, q_secs, and with want_self: self=[N] ndarray, self_secs), the signature of
 # bench/influence_peers.py so its `_run` (failures become rows) drives them.
@@ -473,10 +480,8 @@ def part_minilm(repeat: int, sst2: str, n_train: int, n_queries: int, epochs: in
     classifier, train, queries, prefixes, acc = minilm_case(sst2, n_train, n_queries, epochs,
                                                             scored_layers=scored_layers)
     setup_secs = time.perf_counter() - start
-    linear = {f"{n}.{p}" for n in _linear_modules(classifier, prefixes) for p in ("weight", "bias")}
-    params = sum(p.numel() for n, p in classifier.named_parameters() if n in linear)
-    # Linear weights and biases of the trainable top: what every index here covers
-    same = lambda name, param: name in linear  # noqa: E731 - a param_filter
+    same = linear_filter(classifier, prefixes)
+    params = sum(p.numel() for n, p in classifier.named_parameters() if same(n, p))
     # peers without a padding-aware path get the training-time wrapper that trims each batch's
     # trailing padding (same logits); the data is length-sorted, so batches in order pad little
     trimmed = TrimPadding(classifier)

@@ -81,8 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(peers.THREADS)
     model, train, queries, prefixes, accuracy = peers.minilm_case(args.sst2, args.n_train, args.n_queries, args.epochs)
-    linear = {f"{n}.{p}" for n in peers._linear_modules(model, prefixes) for p in ("weight", "bias")}
-    same = lambda name, param: name in linear  # noqa: E731 - a param_filter
+    same = peers.linear_filter(model, prefixes)
     ref = peers.engine_ekfac(model, train, queries, None, False, param_filter=same)
     with evaluation(model):
         ctx = make_context(model, train, InfluenceConfig(method="kfac", fisher_samples=1), None, False, same)

@@ -4,7 +4,9 @@
     flock /tmp/bench.lock .venv/bin/python bench/index_rerank.py                           # N = 300, ~6 min
     flock /tmp/bench.lock .venv/bin/python bench/index_rerank.py --n-train 1000 --epochs 3  # ~15 min
 
-Model, data, queries and reference are bench/index_peers.py's MiniLM case (all-MiniLM-L6-v2, top 2
+Also printed: the recall of the reference's top 10 (helpful and harmful) in each index's top K,
+the most an exact re-ranking of a shortlist of K can keep. Model, data, queries and reference are
+bench/index_peers.py's MiniLM case (all-MiniLM-L6-v2, top 2
 encoder layers + pooler + classifier, their Linear weights and biases; the engine's unprojected
 EK-FAC with exact class expectation as the reference; 2 torch threads). Rows: the index alone
 (rank 16, the default, and 32), then the rank-16 index whose per-query shortlist of S helpful + S
@@ -32,6 +34,8 @@ import index_peers as peers  # noqa: E402
 from audit.influence.index import IndexConfig, build_index  # noqa: E402
 from audit.influence.index.rerank import fit_reranker, rerank_top  # noqa: E402
 
+RECALL_AT = (10, 20, 30, 50, 100)
+
 
 def overlap(top, ref: np.ndarray, k: int = 10) -> float:
     """Top-k overlap of a TopInfluences with dense reference scores [Q, N] (helpful and harmful)."""
@@ -40,6 +44,16 @@ def overlap(top, ref: np.ndarray, k: int = 10) -> float:
         helpful = len(set(top.proponents[q, :k].tolist()) & set(np.argsort(-r)[:k].tolist()))
         harmful = len(set(top.opponents[q, :k].tolist()) & set(np.argsort(r)[:k].tolist()))
         shares.append((helpful + harmful) / (2 * k))
+    return float(np.mean(shares))
+
+
+def recall(scores: np.ndarray, ref: np.ndarray, shortlist: int, k: int = 10) -> float:
+    """The share of the reference's top k (helpful and harmful) found in the top `shortlist` of
+    `scores` [Q, N]: what an exact re-ranking of that shortlist can keep at most."""
+    shares = []
+    for s, r in zip(scores, ref, strict=True):
+        for sign in (1, -1):
+            shares.append(len(set(np.argsort(-sign * s)[:shortlist]) & set(np.argsort(-sign * r)[:k])) / k)
     return float(np.mean(shares))
 
 
@@ -59,10 +73,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(peers.THREADS)
     model, train, queries, prefixes, accuracy = peers.minilm_case(args.sst2, args.n_train, args.n_queries, args.epochs)
-    linear = {f"{n}.{p}" for n in peers._linear_modules(model, prefixes) for p in ("weight", "bias")}
-    same = lambda name, param: name in linear  # noqa: E731 - a param_filter
+    same = peers.linear_filter(model, prefixes)
     ref = peers.engine_ekfac(model, train, queries, None, False, param_filter=same)
     rows = [["engine EK-FAC (reference)", "-", 1.0, "-", "-", f"{ref['q_secs']:.1f}"]]
+    recalls = {}
     print(f"reference {ref['q_secs']:.0f} s", flush=True)
     with tempfile.TemporaryDirectory() as root:
         for rank in (32, 16):  # 16 last: its index stays for the re-ranked rows
@@ -72,7 +86,9 @@ def main() -> None:
             top, q_secs = _timed(lambda index=index: index.top(model, queries, 10))
             rows.append([f"index rank {rank}", "-", overlap(top, ref["queries"]), f"{build_secs:.1f}", "-",
                          f"{q_secs:.2f}"])
-            print(rows[-1], flush=True)
+            dense = index.scores(model, queries).double().numpy()
+            recalls[rank] = [recall(dense, ref["queries"], shortlist) for shortlist in RECALL_AT]
+            print(rows[-1], recalls[rank], flush=True)
         for method in ("ekfac", "kfac"):
             reranker, fit_secs = _timed(lambda method=method: fit_reranker(index, model, train, method))
             for shortlist in args.shortlists:
@@ -84,6 +100,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
     print(f"\nMiniLM top 2 layers + pooler + classifier, N = {len(train)} phrases ({args.epochs} epoch(s)), "
           f"{len(queries)} dev queries (accuracy {accuracy:.3f}), {torch.get_num_threads()} threads\n")
+    print("| index | " + " | ".join(f"recall in top {k}" for k in RECALL_AT) + " |\n|---|"
+          + "---|" * len(RECALL_AT))
+    for rank, values in recalls.items():
+        print(f"| rank {rank} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    print()
     print("| scores | shortlist per side | top-10 overlap vs EK-FAC | build s | re-rank fit s | query s |")
     print("|---|---|---|---|---|---|")
     for row in rows:
