@@ -111,7 +111,8 @@ def score_flagged(model: nn.Module, train: ExampleTable, flagged: ExampleTable, 
     rest of the model is frozen (audit.frozen_features): the same gradients, one pass of the
     frozen layers instead of one per influence pass. The index keeps the whole model: a stored
     index is read without a pass over the training set."""
-    frozen = split_frozen(model, train.inputs)
+    # the index keeps the whole model: asked for by name, it needs no frozen/head split
+    frozen = None if method in (INDEX, RERANKED) else split_frozen(model, train.inputs)
     if method == AUTO:
         method = choose_method(frozen.head, len(train), head=frozen.is_split)
     if method in (INDEX, RERANKED):

@@ -232,3 +232,43 @@ def test_a_shard_job_refuses_rows_that_changed_and_a_model_that_is_not_the_index
     with pytest.raises(IntegrityError, match="not the one the index"):
         compute_shard(job, model=tiny_mlp(seed=1), train=train, folder=folder, config=config)
     assert compute_shard(job, model=model, train=train, folder=folder, config=config).rows == 10
+
+
+def test_auto_batch_size_follows_the_layers_and_changes_no_number(tmp_path):
+    from audit.influence.index.build import model_context
+    from audit.influence.index.projection import AUTO_BATCH_RANGE, Projector, indexed_layers, make_projections
+
+    def auto(model, data):
+        config = IndexConfig()
+        with model_context(model, data, config, None, False, None) as ctx:
+            found = indexed_layers(model, ctx)
+            projector = Projector(ctx, found, make_projections([layer for layer, _ in found], config))
+            return projector.auto_batch_size(data.tensors[0])
+
+    data = tiny_data(30, seed=0)
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(4, 1 << 16), nn.Tanh(), nn.Linear(1 << 16, 3)).double()
+    assert auto(tiny_mlp(), data) == AUTO_BATCH_RANGE[1]  # ~20 values per example
+    assert auto(wide, data) == AUTO_BATCH_RANGE[0]  # ~131k values per example
+    model = tiny_mlp()
+    fixed = build_index(model, data, tmp_path / "fixed", IndexConfig(rank_in=3, rank_out=2, batch_size=7),
+                        progress=False)
+    sized = build_index(model, data, tmp_path / "auto", IndexConfig(rank_in=3, rank_out=2), progress=False)
+    assert sized.folder.folder.name == fixed.folder.folder.name  # the batch size is not part of the key
+
+
+def test_gram_sums_over_chunks_are_the_blocks_of_x_transpose_x(monkeypatch):
+    from audit.influence.index import sums
+
+    monkeypatch.setattr(sums, "CHUNK_ELEMENTS", 40)  # a product every few adds, one left for result()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(23, 7, generator=generator)
+    gram = sums.GramSums((3, 4))
+    for part in torch.split(x, [5, 1, 9, 8]):
+        gram.add(part)
+    full = x.double().T @ x.double()
+    got = gram.result()
+    assert gram.rows == 23 and [tuple(g.shape) for g in got] == [(3, 3), (4, 4)]
+    torch.testing.assert_close(got[0], full[:3, :3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], full[3:, 3:], rtol=1e-5, atol=1e-5)
+    assert gram.result()[1].equal(got[1])  # result() leaves the sums as they are

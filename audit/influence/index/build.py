@@ -26,12 +26,13 @@ from audit.influence.batches import Inputs, collate, dataset_size, ordered_batch
 from audit.influence.cache import hash_model, hash_tensor
 from audit.influence.config import InfluenceConfig
 from audit.influence.context import Context, evaluation, make_context
+from audit.influence.curvature.kfac import position_weights
 from audit.influence.gradients import gn_cotangents, loss_cotangents
 from audit.influence.index.cluster import ShardMap
 from audit.influence.index.config import IndexConfig
-from audit.influence.index.curvature import ShardSums, block_sums
-from audit.influence.index.projection import KroneckerSums, Projector, indexed_layers, make_projections
+from audit.influence.index.projection import Projector, indexed_layers, make_projections
 from audit.influence.index.store import IndexFolder, ShardMeta
+from audit.influence.index.sums import FactorSums, GramSums, ShardSums
 from audit.influence.params import ParamFilter
 from audit.text_classifier import padding_token
 
@@ -46,7 +47,7 @@ class BuildStats:
 
 def _engine_config(config: IndexConfig) -> InfluenceConfig:
     # the Context's batching and label sampling, with the index's options
-    return InfluenceConfig(method="graddot", batch_size=config.batch_size, fisher_samples=config.fisher_samples,
+    return InfluenceConfig(method="graddot", fisher_samples=config.fisher_samples,
                            max_exact_classes=config.max_exact_classes, seed=config.seed)
 
 
@@ -78,22 +79,23 @@ def examples_digest(inputs: Inputs, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def shard_gradients(projector: Projector, inputs: Inputs, labels: torch.Tensor, seed: int, desc: str
-                    ) -> tuple[torch.Tensor, ShardSums]:
+def shard_gradients(projector: Projector, inputs: Inputs, labels: torch.Tensor, seed: int, desc: str,
+                    batch_size: int | None = None) -> tuple[torch.Tensor, ShardSums]:
     """One shard: projected loss gradients [R, D] (model dtype, CPU) and its curvature statistics
     (ShardSums, from the projected Gauss-Newton factors). `seed` draws its sampled labels (from the
-    shard's content, so a shard's numbers do not depend on which other shards were built, or where)."""
+    shard's content, so a shard's numbers do not depend on which other shards were built, or where).
+    `batch_size`: examples per pass, None: Projector.auto_batch_size."""
     from tqdm.auto import tqdm
 
     ctx = projector.ctx
     ctx.check_labels(labels)
     generator = torch.Generator().manual_seed(seed)
     out = torch.empty(len(labels), projector.dim, dtype=ctx.dtype)
-    sums = [torch.zeros(d, d, dtype=torch.float64) for d in projector.blocks]
-    kron: list[KroneckerSums] | None = None
+    blocks, factors = GramSums(projector.blocks), FactorSums(projector.factor_dims)
     pad = padding_token(ctx.model)
-    steps = ordered_batches(inputs, labels, ctx.config.batch_size, pad)
-    total = -(-len(labels) // ctx.config.batch_size)
+    batch_size = batch_size or projector.auto_batch_size(inputs)
+    steps = ordered_batches(inputs, labels, batch_size, pad)
+    total = -(-len(labels) // batch_size)
     for pos, x, y in tqdm(steps, total=total, desc=desc, disable=not ctx.progress, leave=False):
         x, y = to_device(x, ctx.device), y.to(ctx.device)
         noise = ctx.fisher_noise(len(y), generator)
@@ -102,14 +104,23 @@ def shard_gradients(projector: Projector, inputs: Inputs, labels: torch.Tensor, 
             loss = loss_cotangents(z, y).transpose(0, 1)  # [1, B, C]
             return torch.cat([loss, gn_cotangents(z, y, noise).transpose(0, 1)])  # [1 + K, B, C]
 
-        g, factors = projector(x, cotangents, factors=True)  # [1 + K, B, D]
-        out[pos] = g[0].cpu()
-        for total_sum, part in zip(sums, block_sums(g[1:].reshape(-1, projector.dim), projector.blocks), strict=True):
-            total_sum += part.cpu()
+        step = projector(x, cotangents, layer_rows=True)
+        out[pos] = step.gradients[0].cpu()
         # the loss cotangent (k = 0) is not a Gauss-Newton factor
-        batch = [KroneckerSums(f.inputs.cpu(), f.positions, f.outputs[1:].sum(0, keepdim=True).cpu()) for f in factors]
-        kron = batch if kron is None else [a + b for a, b in zip(kron, batch, strict=True)]
-    return out, ShardSums(sums, kron)
+        blocks.add(step.gradients[1:].reshape(-1, projector.dim))
+        for i, act, s in step.layers:
+            factors.add_inputs(i, input_rows(x, act, pad))
+            factors.add_outputs(i, s[1:].reshape(-1, s.shape[-1]))
+    return out, ShardSums(blocks.result(), factors.result())
+
+
+def input_rows(inputs: Inputs, act: torch.Tensor, pad: int | None) -> torch.Tensor:
+    """A layer's projected inputs act [B, T, k_in] at the positions K-FAC's A counts: [P, k_in],
+    padding tokens left out (position_weights)."""
+    rows = act.reshape(-1, act.shape[-1])
+    if pad is None and not isinstance(inputs, dict):
+        return rows
+    return rows[position_weights(inputs, act, pad).reshape(-1) > 0]
 
 
 DEFAULT_CONFIG = IndexConfig()
@@ -135,7 +146,7 @@ def shard_rows(train: Dataset, start: int, stop: int) -> tuple[Inputs, torch.Ten
 def _compute_and_write(projector: Projector, folder: IndexFolder, inputs: Inputs, labels: torch.Tensor,
                        job: ShardJob, config: IndexConfig) -> ShardMeta:
     rows, sums = shard_gradients(projector, inputs, labels, config.seed ^ int(job.digest[:8], 16),
-                                 f"index: shard {job.number + 1}/{job.total}")
+                                 f"index: shard {job.number + 1}/{job.total}", config.batch_size)
     storage = np.float16 if config.storage == "float16" else np.float32
     return folder.write_shard(job.digest, rows.numpy().astype(storage, copy=False), sums)
 

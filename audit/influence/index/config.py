@@ -20,8 +20,9 @@ class IndexConfig:
         (exact): a 2-class head is never projected on its output side.
     fisher_samples: labels sampled per example for the Gauss-Newton curvature; None -> the exact
         expectation over all classes when there are <= max_exact_classes, else 1 sample. Default 1:
-        on the digits CNN exact (10 classes) cost 3x the build time for a top-10 overlap with
-        unprojected EK-FAC of 0.850 instead of 0.846 (bench/RESULTS.md).
+        on the digits CNN exact (10 classes) cost 3x the build time (4-5x since one sample's
+        build got cheaper, session 13) for a top-10 overlap with unprojected EK-FAC of 0.850 instead of
+        0.846 (bench/RESULTS.md).
     max_exact_classes: see fisher_samples, >= 2.
     damping: lambda added to the projected curvature, > 0; None picks `damping_scale` x its mean
         eigenvalue (trace / D), the engine's rule applied in the projected space.
@@ -30,7 +31,9 @@ class IndexConfig:
         Gauss-Newton block per layer); see curvature.py. Chosen at query time.
     shard_rows: training examples per shard on disk; shards are the unit that is reused when the
         training data grows and that workers build independently.
-    batch_size: examples per forward/backward pass while building or querying.
+    batch_size: examples per forward/backward pass while building or querying; None (default):
+        sized per model (projection.auto_batch_size): a few hundred examples of a small CNN, 32
+        sentences of a transformer. The numbers do not depend on it beyond round-off.
     storage: dtype of the stored gradients, "float32" or "float16" (half the disk, scores rounded
         to about 3 significant digits).
     seed: seeds the random projections and the sampled labels.
@@ -44,7 +47,7 @@ class IndexConfig:
     damping_scale: float = 0.1
     curvature: str = "ekfac"
     shard_rows: int = 4096
-    batch_size: int = 64
+    batch_size: int | None = None
     storage: str = "float32"
     seed: int = 0
 
@@ -52,6 +55,8 @@ class IndexConfig:
         problems = []
         for name in ("rank_in", "rank_out", "shard_rows", "batch_size"):
             value = getattr(self, name)
+            if name == "batch_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         if self.fisher_samples is not None and (not isinstance(self.fisher_samples, int) or self.fisher_samples < 1):

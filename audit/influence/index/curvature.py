@@ -24,31 +24,7 @@ import torch
 
 from audit.errors import NumericalError
 from audit.influence.curvature import sym_eigh
-from audit.influence.index.projection import KroneckerSums
-
-
-def block_sums(factors: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
-    """sum over rows of g g^T per block, float64: factors [R, D] -> [D_l, D_l] for each block."""
-    out, start = [], 0
-    for d in blocks:
-        part = factors[:, start : start + d].to(torch.float64)
-        out.append(part.T @ part)
-        start += d
-    return out
-
-
-@dataclass(frozen=True)
-class ShardSums:
-    """The curvature statistics of some training examples, per layer: `blocks` sum of g g^T over
-    Gauss-Newton factors [D_l, D_l] and the projected K-FAC `factors`. Shards add up."""
-
-    blocks: list[torch.Tensor]
-    factors: list[KroneckerSums]
-
-    def __add__(self, other: ShardSums) -> ShardSums:
-        return ShardSums([a + b for a, b in zip(self.blocks, other.blocks, strict=True)],
-                         [a + b for a, b in zip(self.factors, other.factors, strict=True)])
-
+from audit.influence.index.sums import ShardSums
 
 CURVATURES = ("ekfac", "gn")
 

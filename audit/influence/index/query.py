@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from audit.influence.index.config import IndexConfig
 from audit.influence.index.curvature import ProjectedCurvature, apply_blocks
 from audit.influence.index.projection import Projector, indexed_layers
 from audit.influence.index.store import IndexFolder, ShardMeta
+from audit.influence.index.sums import ShardSums
 from audit.influence.topk import StreamingTop, TopInfluences
 from audit.text_classifier import padding_token
 
@@ -42,13 +44,13 @@ class GradientIndex:
     data_digest: str
     shards: tuple[ShardMeta, ...]
     config: IndexConfig
-    curvature: ProjectedCurvature
+    sums: ShardSums = field(repr=False, compare=False)  # the curvature statistics of every shard, summed
     header: dict
     stats: BuildStats | None = field(default=None, compare=False)
 
     @staticmethod
     def open(folder: IndexFolder | str | Path, data_digest: str, config: IndexConfig) -> GradientIndex:
-        """The index of training set `data_digest` in `folder`, its curvature summed from its shards.
+        """The index of training set `data_digest` in `folder`, its curvature statistics summed from its shards.
         `config` supplies the query-time options (damping); its stored options must match."""
         folder = folder if isinstance(folder, IndexFolder) else IndexFolder(Path(folder))
         header = folder.header()
@@ -58,16 +60,19 @@ class GradientIndex:
         shards = folder.read_data(data_digest)
         if shards is None:
             raise InvalidInput(f"The index in {folder.folder} holds no training set {data_digest}; build it first.")
-        sums, n = None, 0
+        sums = None
         for shard in shards:
             stored = folder.shard_meta(shard.digest)
             if stored is None:
                 raise InvalidInput(f"Shard {shard.digest} of the index in {folder.folder} is missing; rebuild it.")
-            meta, part = stored
-            sums = part if sums is None else sums + part
-            n += meta.rows
-        curvature = ProjectedCurvature.fit(sums, n, config.curvature)
-        return GradientIndex(folder, data_digest, tuple(shards), config, curvature, header)
+            sums = stored[1] if sums is None else sums + stored[1]
+        return GradientIndex(folder, data_digest, tuple(shards), config, sums, header)
+
+    @cached_property
+    def curvature(self) -> ProjectedCurvature:
+        """The configured curvature of the mean training loss, fitted from the summed statistics on
+        first use (a query-time choice: building stops at the sums)."""
+        return ProjectedCurvature.fit(self.sums, self.n, self.config.curvature)
 
     @property
     def n(self) -> int:
@@ -109,9 +114,11 @@ class GradientIndex:
             inputs, labels = collate([queries[i] for i in range(q)])
             ctx.check_labels(labels)
             out = torch.empty(q, projector.dim, dtype=torch.float64)
-            for pos, x, y in ordered_batches(inputs, labels, self.config.batch_size, padding_token(model)):
+            batch_size = self.config.batch_size or projector.auto_batch_size(inputs)
+            for pos, x, y in ordered_batches(inputs, labels, batch_size, padding_token(model)):
                 x, y = to_device(x, ctx.device), y.to(ctx.device)
-                out[pos] = projector(x, lambda z, y=y: loss_cotangents(z, y).transpose(0, 1))[0][0].cpu().double()
+                step = projector(x, lambda z, y=y: loss_cotangents(z, y).transpose(0, 1))
+                out[pos] = step.gradients[0].cpu().double()
         return out
 
     def preconditioned(self, gradients: torch.Tensor) -> torch.Tensor:

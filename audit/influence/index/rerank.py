@@ -73,7 +73,8 @@ def fit_reranker(index: GradientIndex, model: nn.Module, train: Dataset, method:
         raise InvalidInput(f"The training set has {n} examples but the index {index.n}; pass the training set the "
                            "index was built on.")
     params = indexed_params(index)
-    config = InfluenceConfig(method=method, batch_size=index.config.batch_size, seed=index.config.seed)
+    config = InfluenceConfig(method=method, batch_size=index.config.batch_size or InfluenceConfig.batch_size,
+                             seed=index.config.seed)
     sample = train
     if n > fit_rows:
         picked = torch.randperm(n, generator=torch.Generator().manual_seed(index.config.seed))[:fit_rows]

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from audit.errors import IntegrityError
 from audit.influence.curvature.kfac import Layer
-from audit.influence.index.curvature import ShardSums
-from audit.influence.index.projection import KroneckerSums, LayerProjection
+from audit.influence.index.projection import LayerProjection
+from audit.influence.index.sums import KroneckerSums, ShardSums
 
 
 def _replace(tmp: Path, path: Path) -> Path:
