@@ -161,12 +161,17 @@ def reference_row(case: Case, ref: Reference, refs: list[Reference]) -> list[obj
     return [*row, auc, f"{ref.seconds:.1f} + self {ref.self_seconds:.1f}", ref.seconds / case.epoch, "-"]
 
 
+def one_epoch(config: TrainConfig) -> TrainConfig:
+    """`config` for a single epoch."""
+    return TrainConfig(epochs=1, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+                       seed=config.seed)
+
+
 def epoch_seconds(model: torch.nn.Module, data: Dataset, config: TrainConfig, warm: Dataset, repeats: int = 1
                   ) -> float:
     """Seconds of one epoch of `train` on a copy of `model` (its trainable parameters), after a
     warm-up epoch on the small `warm` set on another copy; the fastest of `repeats`."""
-    one = TrainConfig(epochs=1, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                      seed=config.seed)
+    one = one_epoch(config)
     train(copy.deepcopy(model), warm, one)
     return min(timed(lambda: train(copy.deepcopy(model), data, one))[1] for _ in range(repeats))
 
@@ -185,8 +190,7 @@ def digits_case(repeats: int) -> Case:
     pred = predict_logits(model, splits.validation.inputs).argmax(1)
     wrong = (pred != splits.validation.labels).nonzero().squeeze(1).tolist()
     epoch = epoch_seconds(model, data, config, splits.train.subset(list(range(256))).dataset(), repeats)
-    one = TrainConfig(epochs=1, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                      seed=config.seed)
+    one = one_epoch(config)
     note = (f"SmallResNet on digits, 10% flipped labels (N={len(splits.train)}, {len(wrong)} misclassified "
             f"validation examples as queries, one training epoch {epoch:.3f} s at batch {config.batch_size}; "
             f"times: fastest of {repeats}; build / one epoch: against the fastest epoch, one timed before "

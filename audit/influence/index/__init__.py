@@ -10,8 +10,9 @@ Each training example is stored as its loss gradient over the selected Linear/Co
 projected per layer with a Kronecker-structured random projection (projection.py; the full
 per-example gradient is never formed). The curvature is the damped Gauss-Newton matrix of the
 mean training loss in that projected space, block-diagonal over layers (curvature.py), fitted
-on first query from statistics summed in the same pass (sums.py). Queries are preconditioned with it and scored against the rows chunk by chunk,
-keeping top-k (query.py). Sign and scale as everywhere (DESIGN.md): > 0 helpful.
+on first query from statistics summed in the same pass (sums.py). Queries are preconditioned
+with it and scored against the rows chunk by chunk, keeping top-k (query.py). Sign and scale
+as everywhere (DESIGN.md): > 0 helpful.
 
 On disk (store.py): `<root>/<key>/`, the key covering the model's parameters and the options;
 shards named by the digest of their examples, so a grown training set computes only its new

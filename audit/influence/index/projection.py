@@ -82,6 +82,11 @@ def indexed_layers(model: nn.Module, ctx: Context) -> list[tuple[Layer, nn.Modul
     return found
 
 
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input a forward hook (with_kwargs=True) saw a Linear/Conv2d called with."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
 AUTO_BATCH_ELEMENTS = 1 << 22  # indexed-layer input and output elements per batch (16 MB of float32)
 AUTO_BATCH_RANGE = (32, 512)
 
@@ -134,8 +139,7 @@ class Projector:
         elements = [0]
 
         def count(module, args, kwargs, output):
-            layer_input = args[0] if args else next(iter(kwargs.values()))
-            elements[0] += layer_input.numel() + output.numel()
+            elements[0] += _layer_input(args, kwargs).numel() + output.numel()
 
         handles = [m.register_forward_hook(count, with_kwargs=True) for m in self.modules]
         try:
@@ -161,8 +165,7 @@ class Projector:
 
         def hook(i):
             def record(module, args, kwargs, output):
-                layer_input = args[0] if args else next(iter(kwargs.values()))
-                calls[i].append((layer_input.detach(), output))
+                calls[i].append((_layer_input(args, kwargs).detach(), output))
 
             return record
 
